@@ -1,0 +1,79 @@
+"""What every pyrio daemon does at start: config, logging, RPC server, health.
+
+A service module provides `build(config, server) -> Service`, registers its
+RPC methods on the server, and `run_service` serves them until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Protocol
+
+from common.config import Config, ConfigError, load_config
+from common.logs import setup_logging
+from common.rpc import CallContext, RpcClient, RpcServer
+
+
+class Service(Protocol):
+    def health(self) -> dict[str, Any]:
+        """Service-specific health: at least {"ready": bool, "reason": str}."""
+
+    def close(self) -> None:
+        """Release resources on shutdown (never touch running containers)."""
+
+
+def parse_args(service: str, argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"pyrio-{service}")
+    parser.add_argument("--config", help="path of pyrio.toml (default: $PYRIO_CONFIG or /etc/pyrio/pyrio.toml)")
+    return parser.parse_args(argv)
+
+
+def client_for(config: Config, service: str, timeout: float | None = None) -> RpcClient:
+    """An RPC client for one of the services, at its configured endpoint."""
+    return RpcClient(config.rpc_endpoint(service), service, timeout or config.pyrio.rpc_timeout)
+
+
+def start_process(service: str, argv: list[str] | None = None) -> tuple[Config, logging.Logger]:
+    """Parse arguments, load the config (or exit naming the bad key), set up logs."""
+    args = parse_args(service, argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pyrio-{service}: refusing to start: {exc}", file=sys.stderr)
+        # supervisord retries a failed start a few times, then marks it FATAL:
+        # the message above is in the service's log each time.
+        sys.exit(2)
+    return config, setup_logging(service, config.pyrio.log_level)
+
+
+def run_service(
+    service: str,
+    build: Callable[[Config, RpcServer], Service],
+    argv: list[str] | None = None,
+) -> None:
+    config, log = start_process(service, argv)
+    started_at = time.time()
+    server = RpcServer(config.rpc_endpoint(service), service)
+    instance = build(config, server)
+
+    def health(_params: dict[str, Any], _call: CallContext) -> dict[str, Any]:
+        answer = {"service": service, "pid": os.getpid(), "started_at": started_at, "ready": True, "reason": ""}
+        answer.update(instance.health())
+        return answer
+
+    server.register("health", health)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    server.bind()
+    log.info("serving", extra={"endpoint": server.endpoint, "methods": server.methods(), "config": config.source})
+    try:
+        server.serve_forever()
+    finally:
+        instance.close()
+        log.info("stopped")
+        logging.shutdown()

@@ -1,0 +1,313 @@
+"""The RPC layer between pyrio's services: ZeroMQ over ipc:// with msgpack.
+
+Wire format, one msgpack map per frame:
+  request  {"id": str, "method": str, "params": map, "deadline": float unix time}
+  reply    {"id": str, "result": any} or {"id": str, "error": {"kind", "message"}}
+
+The server reads on a ROUTER socket and runs each request on a worker thread,
+so a slow call (a one-minute pull) never blocks a fast one. Replies travel
+back to the I/O thread over an inproc PUSH/PULL pair because a ZeroMQ socket
+must only be used by one thread.
+
+The client keeps one DEALER socket per thread (ZeroMQ sockets are not thread
+safe, and crigw calls from many gRPC threads). ZeroMQ reconnects by itself
+after a server restart; a socket monitor tells the client when its server
+went away mid-call, so the call fails with Unavailable (or is sent again, for
+methods declared idempotent) instead of waiting for a reply that will never
+come.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from common.errors import (
+    DeadlineExceeded,
+    Internal,
+    PyrioError,
+    Unavailable,
+    Unimplemented,
+    error_from_wire,
+)
+
+log = logging.getLogger("pyrio.rpc")
+
+# How long a call waits for a connection to a server that is not connected
+# (first use, or the server is restarting) before answering Unavailable.
+CONNECT_GRACE_SECONDS = 1.0
+
+_CONNECTED_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+@dataclass
+class CallContext:
+    """What a handler knows about the call it serves."""
+
+    method: str
+    deadline: float
+    request_id: str
+
+    def remaining(self) -> float:
+        return self.deadline - time.time()
+
+    def check_deadline(self) -> None:
+        if self.remaining() <= 0:
+            raise DeadlineExceeded(f"{self.method}: deadline exceeded")
+
+
+Handler = Callable[[dict[str, Any], CallContext], Any]
+
+
+class RpcServer:
+    def __init__(self, endpoint: str, service: str, workers: int = 64) -> None:
+        self.endpoint = endpoint
+        self.service = service
+        self._handlers: dict[str, Handler] = {}
+        self._context = zmq.Context.instance()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{service}-rpc")
+        self._reply_endpoint = f"inproc://rpc-replies-{id(self)}"
+        self._local = threading.local()
+        self._stop = threading.Event()
+        self._router: zmq.Socket | None = None
+        self._replies: zmq.Socket | None = None
+
+    def register(self, method: str, handler: Handler) -> None:
+        self._handlers[method] = handler
+
+    def methods(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def bind(self) -> None:
+        if self.endpoint.startswith("ipc://"):
+            socket_path = Path(self.endpoint[len("ipc://") :])
+            socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._replies = self._context.socket(zmq.PULL)
+        self._replies.bind(self._reply_endpoint)
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        # A reply to a client that went away must not block the I/O thread.
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._router.bind(self.endpoint)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        if self._router is None:
+            self.bind()
+        assert self._router is not None and self._replies is not None
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._replies, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                for sock, _ in poller.poll(200):
+                    if sock is self._router:
+                        frames = self._router.recv_multipart(zmq.NOBLOCK)
+                        if len(frames) == 2:
+                            self._pool.submit(self._handle, frames[0], frames[1])
+                    else:
+                        frames = self._replies.recv_multipart(zmq.NOBLOCK)
+                        try:
+                            self._router.send_multipart(frames, zmq.NOBLOCK)
+                        except zmq.ZMQError:
+                            pass
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._router.close(0)
+            self._replies.close(0)
+
+    def _push(self, identity: bytes, reply: dict[str, Any]) -> None:
+        push = getattr(self._local, "push", None)
+        if push is None:
+            push = self._context.socket(zmq.PUSH)
+            push.connect(self._reply_endpoint)
+            self._local.push = push
+        push.send_multipart([identity, pack(reply)])
+
+    def _handle(self, identity: bytes, payload: bytes) -> None:
+        request_id = ""
+        try:
+            request = unpack(payload)
+            request_id = str(request.get("id", ""))
+            method = str(request.get("method", ""))
+            call = CallContext(method=method, deadline=float(request.get("deadline", 0)), request_id=request_id)
+            handler = self._handlers.get(method)
+            if handler is None:
+                raise Unimplemented(f"{self.service} has no method {method!r}")
+            call.check_deadline()
+            result = handler(request.get("params") or {}, call)
+            reply: dict[str, Any] = {"id": request_id, "result": result}
+        except PyrioError as exc:
+            reply = {"id": request_id, "error": exc.to_wire()}
+        except Exception as exc:  # a bug must answer, not leave the caller waiting
+            log.exception("unhandled error in %s", self.service)
+            reply = {"id": request_id, "error": Internal(f"{type(exc).__name__}: {exc}").to_wire()}
+        try:
+            self._push(identity, reply)
+        except Exception:
+            log.exception("cannot send reply of request %s", request_id)
+
+
+class _ThreadSocket:
+    """One thread's DEALER socket to a server, with its connection monitor."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        # Never queue a request for a server that is not connected: the
+        # caller gets Unavailable instead of a late surprise execution.
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)
+        self.socket.setsockopt(zmq.RECONNECT_IVL, 50)
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        # HANDSHAKE_SUCCEEDED, not CONNECTED: with IMMEDIATE a send fails
+        # until the ZMTP handshake is done, which comes after the connect.
+        self.monitor = self.socket.get_monitor_socket(_CONNECTED_EVENT | zmq.EVENT_DISCONNECTED)
+        self.connected = False
+        self.socket.connect(endpoint)
+
+    def drain_monitor(self, timeout_ms: int = 0) -> bool:
+        """Apply pending connection events; True when a disconnect was seen."""
+        disconnected = False
+        while self.monitor.poll(timeout_ms):
+            timeout_ms = 0
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == _CONNECTED_EVENT:
+                self.connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+                disconnected = True
+        return disconnected
+
+    def wait_connected(self, until: float) -> bool:
+        self.drain_monitor()
+        while not self.connected:
+            remaining = until - time.time()
+            if remaining <= 0:
+                return False
+            self.drain_monitor(int(min(remaining, 0.1) * 1000) + 1)
+        return True
+
+    def close(self) -> None:
+        try:
+            self.socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(0)
+        self.socket.close(0)
+
+
+class RpcClient:
+    """Calls one service. Thread safe; one instance per target service."""
+
+    _counter = itertools.count()
+
+    def __init__(self, endpoint: str, service: str, default_timeout: float = 30.0) -> None:
+        self.endpoint = endpoint
+        self.service = service
+        self.default_timeout = default_timeout
+        self._context = zmq.Context.instance()
+        self._local = threading.local()
+        self._all_sockets: list[_ThreadSocket] = []
+        self._lock = threading.Lock()
+
+    def _thread_socket(self) -> _ThreadSocket:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = _ThreadSocket(self._context, self.endpoint)
+            self._local.sock = sock
+            with self._lock:
+                self._all_sockets.append(sock)
+        return sock
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._all_sockets:
+                sock.close()
+            self._all_sockets.clear()
+        self._local = threading.local()
+
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        idempotent: bool = False,
+    ) -> Any:
+        """Call `method` and return its result, or raise the typed error.
+
+        Raises Unavailable when the server is not reachable or goes away
+        during a non-idempotent call, DeadlineExceeded when no answer came
+        in time. An idempotent call is sent again after a reconnect.
+        """
+        deadline = time.time() + (self.default_timeout if timeout is None else timeout)
+        request_id = f"{os.getpid()}-{next(self._counter)}"
+        payload = pack({"id": request_id, "method": method, "params": params or {}, "deadline": deadline})
+        sock = self._thread_socket()
+        grace_end = min(deadline, time.time() + CONNECT_GRACE_SECONDS)
+        while True:
+            if not sock.wait_connected(grace_end):
+                if time.time() >= deadline:
+                    raise DeadlineExceeded(f"{self.service}.{method}: deadline exceeded while connecting")
+                raise Unavailable(f"{self.service} is not reachable at {self.endpoint}")
+            try:
+                sock.socket.send(payload, zmq.NOBLOCK)
+            except zmq.Again:
+                # Connected an instant ago but the pipe is not attached yet.
+                if time.time() >= grace_end:
+                    raise Unavailable(f"{self.service} is not accepting requests at {self.endpoint}") from None
+                time.sleep(0.005)
+                continue
+            outcome = self._await_reply(sock, request_id, deadline)
+            if outcome is not _RESEND:
+                return outcome
+            if not idempotent:
+                raise Unavailable(f"{self.service} went away while handling {method}")
+            # The restarted server gets a fresh grace period to come back.
+            grace_end = min(deadline, time.time() + CONNECT_GRACE_SECONDS)
+            log.info("%s went away during idempotent %s; sending it again", self.service, method)
+
+    def _await_reply(self, sock: _ThreadSocket, request_id: str, deadline: float) -> Any:
+        poller = zmq.Poller()
+        poller.register(sock.socket, zmq.POLLIN)
+        poller.register(sock.monitor, zmq.POLLIN)
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"{self.service}: no answer before the deadline")
+            ready = dict(poller.poll(int(remaining * 1000) + 1))
+            if sock.socket in ready:
+                reply = unpack(sock.socket.recv(zmq.NOBLOCK))
+                if reply.get("id") != request_id:
+                    continue  # the late answer of an earlier call that timed out
+                if "error" in reply:
+                    raise error_from_wire(reply["error"])
+                return reply.get("result")
+            if sock.monitor in ready and sock.drain_monitor():
+                # The reply may have arrived just before the disconnect.
+                if sock.socket.poll(0):
+                    continue
+                return _RESEND
+
+
+_RESEND = object()

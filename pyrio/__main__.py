@@ -1,0 +1,3 @@
+from pyrio.cli import main
+
+main()

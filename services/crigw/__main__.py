@@ -1,0 +1,35 @@
+"""crigw: the CRI gateway, the only gRPC server of pyrio.
+
+It keeps no state of its own: every CRI object lives in the daemon that
+owns it (images in imaged, sandboxes in netd, containers in shimd), so a
+restarted gateway answers exactly as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from common.daemon import start_process
+from services.crigw.gateway import Gateway
+from services.crigw.server import build_server
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, log = start_process("crigw", argv)
+    gateway = Gateway(config)
+    server = build_server(gateway)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    log.info("serving CRI", extra={"socket": config.pyrio.socket, "config": config.source})
+    stopping.wait()
+    server.stop(grace=2).wait()
+    gateway.close()
+    log.info("stopped")
+    logging.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The CRI gRPC server on the gateway's unix socket.
+
+Method handlers come from the per-area modules through the HANDLERS
+registry; every method of RuntimeService and ImageService that has none
+answers UNIMPLEMENTED with its name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+from cri_api.v1 import api_pb2
+
+from common.errors import Unimplemented
+from services.crigw.gateway import Gateway
+from services.crigw.handlers import HANDLERS
+from services.crigw.status import serve_cri_call
+
+# The CRI areas, each one module of handlers (like CRI-O's server/ package).
+HANDLER_MODULES = (
+    "services.crigw.runtime_info",
+    "services.crigw.images",
+    "services.crigw.sandboxes",
+    "services.crigw.containers",
+    "services.crigw.stats",
+    "services.crigw.streaming",
+)
+
+CRI_SERVICES = ("runtime.v1.RuntimeService", "runtime.v1.ImageService")
+
+
+def load_handler_modules() -> None:
+    for module in HANDLER_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def _unimplemented(method: str) -> Callable[[Any, Any], Any]:
+    def handler(_gateway: Any, _request: Any) -> Any:
+        raise Unimplemented(f"{method} is not implemented by pyrio")
+
+    return handler
+
+
+def _method_handler(gateway: Gateway, method: Any) -> grpc.RpcMethodHandler:
+    name = method.name
+    request_class = getattr(api_pb2, method.input_type.name)
+    response_class = getattr(api_pb2, method.output_type.name)
+    handler = HANDLERS.get(name, _unimplemented(name))
+
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        return serve_cri_call(name, lambda req, _ctx: handler(gateway, req), request, context)
+
+    kwargs = dict(request_deserializer=request_class.FromString, response_serializer=response_class.SerializeToString)
+    if method.server_streaming:
+        def stream(request: Any, context: grpc.ServicerContext) -> Any:
+            yield from serve_cri_call(name, lambda req, _ctx: handler(gateway, req), request, context)
+
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(call, **kwargs)
+
+
+def build_server(gateway: Gateway, max_workers: int = 32) -> grpc.Server:
+    load_handler_modules()
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cri"))
+    for service_name in CRI_SERVICES:
+        descriptor = api_pb2.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[1]]
+        handlers = {method.name: _method_handler(gateway, method) for method in descriptor.methods}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    socket_path = Path(gateway.config.pyrio.socket)
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        socket_path.unlink()  # left by a previous gateway that was killed
+    except FileNotFoundError:
+        pass
+    mode = int(gateway.config.pyrio.socket_mode, 8)
+    # Create the socket with its final mode: no window in which it is wider.
+    previous_umask = os.umask(0o777 & ~mode)
+    try:
+        server.add_insecure_port(f"unix:{socket_path}")
+        server.start()
+    finally:
+        os.umask(previous_umask)
+    os.chmod(socket_path, mode)
+    return server

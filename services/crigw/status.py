@@ -1,0 +1,64 @@
+"""The one place where pyrio's typed errors become gRPC status codes.
+
+Every CRI handler runs through `serve_cri_call`, which also writes the one
+structured log line per call (method, duration, result code).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import grpc
+
+from common.errors import PyrioError
+
+log = logging.getLogger("pyrio.crigw.cri")
+
+GRPC_CODE_BY_KIND: dict[str, grpc.StatusCode] = {
+    "NotFound": grpc.StatusCode.NOT_FOUND,
+    "AlreadyExists": grpc.StatusCode.ALREADY_EXISTS,
+    "InvalidArgument": grpc.StatusCode.INVALID_ARGUMENT,
+    "FailedPrecondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "Unavailable": grpc.StatusCode.UNAVAILABLE,
+    "DeadlineExceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "Unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "PermissionDenied": grpc.StatusCode.PERMISSION_DENIED,
+    "ResourceExhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "Unimplemented": grpc.StatusCode.UNIMPLEMENTED,
+    "Internal": grpc.StatusCode.INTERNAL,
+}
+
+
+def grpc_code_for(error: PyrioError) -> grpc.StatusCode:
+    return GRPC_CODE_BY_KIND.get(error.kind, grpc.StatusCode.INTERNAL)
+
+
+def serve_cri_call(
+    method: str,
+    handler: Callable[[Any, grpc.ServicerContext], Any],
+    request: Any,
+    context: grpc.ServicerContext,
+) -> Any:
+    started = time.monotonic()
+    code = grpc.StatusCode.OK
+    message = ""
+    try:
+        return handler(request, context)
+    except PyrioError as exc:
+        code, message = grpc_code_for(exc), exc.message
+    except Exception as exc:  # a bug answers INTERNAL, never kills the gateway
+        log.exception("unhandled error in %s", method)
+        code, message = grpc.StatusCode.INTERNAL, f"{method}: {type(exc).__name__}: {exc}"
+    finally:
+        log.info(
+            "cri call",
+            extra={
+                "method": method,
+                "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                "code": code.name,
+                **({"error": message} if code != grpc.StatusCode.OK else {}),
+            },
+        )
+    context.abort(code, message)

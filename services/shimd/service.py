@@ -1,0 +1,23 @@
+"""shimd: starts and finds the per-container shims, and owns container records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.config import Config
+from common.rpc import RpcServer
+
+
+class ShimDaemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def health(self) -> dict[str, Any]:
+        return {"ready": True, "reason": ""}
+
+    def close(self) -> None:
+        pass
+
+
+def build(config: Config, server: RpcServer) -> ShimDaemon:
+    return ShimDaemon(config)
