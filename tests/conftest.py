@@ -1,5 +1,7 @@
 """Shared fixtures: one running stack for the tests that can share it, and
-fresh stacks for tests that kill or reconfigure services."""
+fresh stacks for tests that kill or reconfigure services. Area fixtures (the
+test registry and images, pods, containers, streaming clients) live in their
+own modules, registered here."""
 
 from __future__ import annotations
 
@@ -8,6 +10,13 @@ from typing import Iterator
 import pytest
 
 from tests.harness import Stack
+
+pytest_plugins = [
+    "tests.fixtures_images",
+    "tests.fixtures_pods",
+    "tests.fixtures_containers",
+    "tests.fixtures_streaming",
+]
 
 
 @pytest.fixture(scope="session")

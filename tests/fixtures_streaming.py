@@ -1,0 +1,1 @@
+"""Fixtures for the streaming tests (kept apart so each area owns its file)."""
