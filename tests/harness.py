@@ -241,6 +241,43 @@ class Stack:
 # --- leftovers -------------------------------------------------------------
 
 
+def runtime_containers(root: Path) -> list[str]:
+    """Ids of runc/crun containers known under this stack's runtime roots."""
+    found = []
+    for runtime, binary in (("runc", "/usr/sbin/runc"), ("crun", "/usr/bin/crun")):
+        runtime_root = root / "run" / "runtimes" / runtime
+        if runtime_root.is_dir() and Path(binary).exists():
+            listing = subprocess.run([binary, "--root", str(runtime_root), "list", "-q"], capture_output=True, text=True)
+            found.extend(f"{runtime}:{container_id}" for container_id in listing.stdout.split())
+    return found
+
+
+def leak_report(stack: "Stack") -> dict[str, list]:
+    """What a stack still holds on the node: all lists are empty when every
+    pod and container was removed. Daemons and supervisord are not leaks."""
+    daemon_pids = set()
+    if stack.supervisord is not None and stack.supervisord.poll() is None:
+        daemon_pids.add(stack.supervisord.pid)
+        for service in SERVICES:
+            try:
+                daemon_pids.add(stack.service_pid(service))
+            except (RuntimeError, ValueError):
+                pass
+    processes = [pid for pid in processes_of_root(stack.root) if pid not in daemon_pids]
+    processes += processes_in_cgroups(stack.cgroup_parent)
+    links = subprocess.run(["ip", "-o", "link", "show", "master", stack.bridge], capture_output=True, text=True)
+    cgroups = [
+        str(sub) for directory in cgroup_dirs(stack.cgroup_parent) for sub in directory.rglob("*") if sub.is_dir()
+    ]
+    return {
+        "mounts": mounts_under(stack.root),
+        "processes": sorted(set(processes)),
+        "runtime_containers": runtime_containers(stack.root),
+        "veths": [line.split(": ")[1].split("@")[0] for line in links.stdout.splitlines()],
+        "cgroups": cgroups,
+    }
+
+
 def processes_of_root(root: Path) -> list[int]:
     """PIDs of processes this stack started: their command line names its root."""
     marker = str(root).encode()
