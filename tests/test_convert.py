@@ -16,7 +16,7 @@ def test_round_trip_keeps_int64_maps_enums_and_repeated() -> None:
             command=["sh", "-c"],
             envs=[api_pb2.KeyValue(key="A", value="1")],
             labels={"app": "x"},
-            mounts=[api_pb2.Mount(container_path="/d", host_path="/tmp", propagation=api_pb2.PROPAGATION_RSLAVE)],
+            mounts=[api_pb2.Mount(container_path="/d", host_path="/tmp", propagation=api_pb2.PROPAGATION_HOST_TO_CONTAINER)],
             linux=api_pb2.LinuxContainerConfig(
                 resources=api_pb2.LinuxContainerResources(memory_limit_in_bytes=3 << 40, cpu_quota=-1),
             ),
@@ -26,7 +26,7 @@ def test_round_trip_keeps_int64_maps_enums_and_repeated() -> None:
     limits = as_dict["config"]["linux"]["resources"]
     assert limits["memory_limit_in_bytes"] == 3 << 40 and isinstance(limits["memory_limit_in_bytes"], int)
     assert limits["cpu_quota"] == -1
-    assert as_dict["config"]["mounts"][0]["propagation"] == api_pb2.PROPAGATION_RSLAVE
+    assert as_dict["config"]["mounts"][0]["propagation"] == api_pb2.PROPAGATION_HOST_TO_CONTAINER
     assert as_dict["config"]["labels"] == {"app": "x"}
     assert dict_to_message(as_dict, api_pb2.CreateContainerRequest) == request
 

@@ -29,7 +29,7 @@ def message_to_dict(message: Message) -> dict[str, Any]:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             value_field = field.message_type.fields_by_name["value"]
             result[field.name] = {key: _value(value_field, item) for key, item in value.items()}
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             result[field.name] = [_value(field, item) for item in value]
         else:
             result[field.name] = _value(field, value)
