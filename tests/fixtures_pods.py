@@ -1,1 +1,139 @@
-"""Fixtures for the pods tests (kept apart so each area owns its file)."""
+"""Fixtures for the pods tests (kept apart so each area owns its file).
+
+`pod_config(...)` builds a PodSandboxConfig with unique metadata; the `pods`
+fixture runs sandboxes on a stack and stops and removes every one of them at
+the end of the test, even when it failed. `in_netns(path, ...)` runs a
+command inside a pinned network namespace from the host (containers are
+not needed to look into a pod).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2
+
+from tests.harness import Stack
+
+BUSYBOX = "/bin/busybox"
+
+
+def pod_config(
+    name: str | None = None,
+    namespace: str = "pyrio-test",
+    uid: str | None = None,
+    attempt: int = 0,
+    hostname: str = "",
+    host_network: bool = False,
+    host_ipc: bool = False,
+    pid_mode: int = api_pb2.CONTAINER,
+    port_mappings: list[tuple[int, int]] | None = None,
+    dns: dict[str, list[str]] | None = None,
+    sysctls: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+    log_directory: str = "",
+    cgroup_parent: str = "",
+) -> api_pb2.PodSandboxConfig:
+    """A PodSandboxConfig with unique metadata unless told otherwise.
+
+    port_mappings: (container_port, host_port) TCP pairs published on 127.0.0.1.
+    """
+    name = name or f"pod-{uuid.uuid4().hex[:8]}"
+    config = api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(name=name, namespace=namespace, uid=uid or uuid.uuid4().hex, attempt=attempt),
+        hostname=hostname,
+        labels=labels or {},
+        annotations=annotations or {},
+        log_directory=log_directory,
+    )
+    for container_port, host_port in port_mappings or []:
+        config.port_mappings.append(
+            api_pb2.PortMapping(protocol=api_pb2.TCP, container_port=container_port, host_port=host_port, host_ip="127.0.0.1")
+        )
+    if dns is not None:
+        config.dns_config.CopyFrom(
+            api_pb2.DNSConfig(servers=dns.get("servers", []), searches=dns.get("searches", []), options=dns.get("options", []))
+        )
+    options = config.linux.security_context.namespace_options
+    options.network = api_pb2.NODE if host_network else api_pb2.POD
+    options.ipc = api_pb2.NODE if host_ipc else api_pb2.POD
+    options.pid = pid_mode
+    config.linux.sysctls.update(sysctls or {})
+    if cgroup_parent:
+        config.linux.cgroup_parent = cgroup_parent
+    return config
+
+
+def in_netns(netns: str, *command: str, timeout: float = 20, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in a pod's pinned network namespace (like `ip netns exec`)."""
+    result = subprocess.run(["nsenter", f"--net={netns}", *command], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} in {netns} failed: {result.stdout}{result.stderr}")
+    return result
+
+
+def sandbox_info(stack: Stack, sandbox_id: str) -> dict[str, Any]:
+    """netd's record of a sandbox, from PodSandboxStatus's verbose info."""
+    reply = stack.runtime.PodSandboxStatus(
+        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=True), timeout=10
+    )
+    return json.loads(reply.info["info"])
+
+
+def host_local_allocations(stack: Stack) -> list[str]:
+    """IPs the host-local IPAM store of the stack's network still holds."""
+    allocated = []
+    for network_dir in Path(stack.ipam_dir).glob("*"):
+        if network_dir.is_dir():
+            allocated += [p.name for p in network_dir.iterdir() if p.name[0].isdigit() and "last_reserved" not in p.name]
+    return sorted(allocated)
+
+
+class Pods:
+    """Runs sandboxes on a stack and removes every one at the end."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.ids: list[str] = []
+
+    def run(self, config: api_pb2.PodSandboxConfig | None = None, runtime_handler: str = "") -> str:
+        reply = self.stack.runtime.RunPodSandbox(
+            api_pb2.RunPodSandboxRequest(config=config or pod_config(), runtime_handler=runtime_handler), timeout=120
+        )
+        self.ids.append(reply.pod_sandbox_id)
+        return reply.pod_sandbox_id
+
+    def stop(self, sandbox_id: str) -> None:
+        self.stack.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120)
+
+    def remove(self, sandbox_id: str) -> None:
+        self.stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120)
+
+    def status(self, sandbox_id: str, verbose: bool = False) -> api_pb2.PodSandboxStatusResponse:
+        return self.stack.runtime.PodSandboxStatus(
+            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=verbose), timeout=10
+        )
+
+    def cleanup(self) -> None:
+        for sandbox_id in reversed(self.ids):
+            try:
+                self.stop(sandbox_id)
+                self.remove(sandbox_id)
+            except grpc.RpcError:
+                pass  # the stack's own teardown removes whatever is left
+
+
+@pytest.fixture
+def pods(stack: Stack) -> Iterator[Pods]:
+    own = Pods(stack)
+    try:
+        yield own
+    finally:
+        own.cleanup()

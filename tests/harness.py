@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -229,7 +230,7 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.supervisord.kill()
                 self.supervisord.wait(10)
-        cleanup_root(self.root, self.cgroup_parent, self.bridge)
+        cleanup_root(self.root, self.cgroup_parent, self.bridge, self.subnet)
 
     def __enter__(self) -> "Stack":
         return self.start()
@@ -275,6 +276,7 @@ def leak_report(stack: "Stack") -> dict[str, list]:
         "runtime_containers": runtime_containers(stack.root),
         "veths": [line.split(": ")[1].split("@")[0] for line in links.stdout.splitlines()],
         "cgroups": cgroups,
+        "iptables_chains": portmap_chains(stack.subnet),
     }
 
 
@@ -337,7 +339,38 @@ def kill_pids(pids: list[int]) -> None:
             pass
 
 
-def cleanup_root(root: Path, cgroup_parent: str, bridge: str) -> None:
+def portmap_chains(subnet: str) -> list[str]:
+    """Per-pod nat chains (CNI-DN-*) the portmap plugin made for pods of `subnet`.
+
+    The shared CNI-HOSTPORT-* chains are the node's, used by every stack, and
+    are left alone; a pod's own chain must be gone after its CNI DEL.
+    """
+    listing = subprocess.run(["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True)
+    network = subnet.rsplit(".", 1)[0] + "."
+    chains = set()
+    for line in listing.stdout.splitlines():
+        parts = line.split()
+        if len(parts) > 1 and parts[0] == "-A" and parts[1].startswith("CNI-DN-") and network in line:
+            chains.add(parts[1])
+    return sorted(chains)
+
+
+def remove_portmap_chains(subnet: str) -> None:
+    chains = portmap_chains(subnet)
+    if not chains:
+        return
+    listing = subprocess.run(["iptables", "-w", "-t", "nat", "-S", "CNI-HOSTPORT-DNAT"], capture_output=True, text=True)
+    for line in listing.stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == ["-A", "CNI-HOSTPORT-DNAT"] and parts[-1] in chains:
+            # Re-issue the rule as printed, with -D: shlex keeps the quoted comment whole.
+            subprocess.run(["iptables", "-w", "-t", "nat", "-D", *shlex.split(line)[1:]], capture_output=True)
+    for chain in chains:
+        subprocess.run(["iptables", "-w", "-t", "nat", "-F", chain], capture_output=True)
+        subprocess.run(["iptables", "-w", "-t", "nat", "-X", chain], capture_output=True)
+
+
+def cleanup_root(root: Path, cgroup_parent: str, bridge: str, subnet: str = "") -> None:
     for _ in range(3):
         pids = processes_of_root(root) + processes_in_cgroups(cgroup_parent)
         if not pids:
@@ -358,6 +391,8 @@ def cleanup_root(root: Path, cgroup_parent: str, bridge: str) -> None:
         name = line.split(": ")[1].split("@")[0]
         subprocess.run(["ip", "link", "delete", name], capture_output=True)
     subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
+    if subnet:
+        remove_portmap_chains(subnet)
     for directory in cgroup_dirs(cgroup_parent):
         for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
             try:

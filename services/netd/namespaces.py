@@ -1,0 +1,220 @@
+"""Pod namespaces pinned by bind mounts, the way CRI-O's pinns does.
+
+A pod's network, IPC and UTS namespaces are created by a short-lived thread
+of netd that unshares them (namespaces are per task on Linux, so the rest of
+netd is untouched), sets the pod hostname, brings `lo` up, writes the pod's
+sysctls, bind-mounts `/proc/thread-self/ns/<kind>` on a file under the run
+dir, and ends. The bind mount keeps the namespace alive with no process in
+it, and containers join it by path. The thread is dedicated and dies at the
+end, so even a failed restore cannot leave a netd worker in a pod namespace.
+
+A PID namespace needs a live init, so a pod that shares one gets a tiny
+holder process as its PID 1 (it only reaps orphans), pinned the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from common import mounts
+
+log = logging.getLogger("pyrio.netd.namespaces")
+
+CLONE_FLAGS = {"net": 0x40000000, "ipc": 0x08000000, "uts": 0x04000000, "pid": 0x20000000}
+# Directory of each kind's pin files under the run dir, as CRI-O's
+# /var/run/{netns,ipcns,utsns,pidns}.
+PIN_DIRS = {"net": "netns", "ipc": "ipcns", "uts": "utsns", "pid": "pidns"}
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+
+# PID 1 of a shared pod PID namespace: reaps what gets orphaned into it and
+# exits on SIGTERM/SIGINT. Signals are taken by sigwait so no SIGCHLD is lost.
+_PID_HOLDER_CODE = """
+import os, signal
+wanted = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+while True:
+    if signal.sigwait(wanted) != signal.SIGCHLD:
+        os._exit(0)
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+"""
+
+
+def pin_path(run_dir: str, kind: str, sandbox_id: str) -> str:
+    return str(Path(run_dir) / PIN_DIRS[kind] / sandbox_id)
+
+
+def _unshare(flags: int) -> None:
+    if _libc.unshare(flags) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"unshare: {os.strerror(errno)}")
+
+
+def _setns(fd: int, flags: int) -> None:
+    if _libc.setns(fd, flags) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"setns: {os.strerror(errno)}")
+
+
+def _in_dedicated_thread(work: Callable[[], Any]) -> Any:
+    """Run `work` on a new OS thread that ends afterwards; re-raise its error."""
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=body, name="netd-pinns")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _bring_loopback_up() -> None:
+    # A socket belongs to the network namespace of the task that opens it.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock.fileno(), _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+
+
+def write_sysctl(name: str, value: str) -> None:
+    """Write one sysctl of the calling thread's namespaces."""
+    path = "/proc/sys/" + name.replace(".", "/")
+    with open(path, "w") as handle:
+        handle.write(value)
+
+
+def _bind_pin(source: str, target: str) -> None:
+    Path(target).parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o444)
+    os.close(fd)
+    mounts.mount(source, target, None, mounts.MS_BIND)
+
+
+def pin_namespaces(paths: dict[str, str], hostname: str = "", sysctls: dict[str, str] | None = None) -> None:
+    """Create one new namespace per kind in `paths` (net, ipc, uts) and pin it.
+
+    The hostname is set in the new UTS namespace, `lo` brought up in the new
+    network namespace and `sysctls` written inside them. On error the pins
+    made so far stay mounted: the caller's `unpin` removes them.
+    """
+    kinds = [kind for kind in ("net", "ipc", "uts") if kind in paths]
+    if not kinds:
+        return
+    flags = 0
+    for kind in kinds:
+        flags |= CLONE_FLAGS[kind]
+
+    def work() -> None:
+        saved = {kind: os.open(f"/proc/thread-self/ns/{kind}", os.O_RDONLY) for kind in kinds}
+        try:
+            _unshare(flags)
+            try:
+                if "uts" in paths and hostname:
+                    socket.sethostname(hostname)
+                if "net" in paths:
+                    _bring_loopback_up()
+                for name, value in (sysctls or {}).items():
+                    write_sysctl(name, value)
+                for kind in kinds:
+                    _bind_pin(f"/proc/thread-self/ns/{kind}", paths[kind])
+            finally:
+                for kind, fd in saved.items():
+                    _setns(fd, CLONE_FLAGS[kind])
+        finally:
+            for fd in saved.values():
+                os.close(fd)
+
+    _in_dedicated_thread(work)
+
+
+def start_pid_holder(path: str, sandbox_id: str) -> subprocess.Popen:
+    """Start the PID 1 of a new pod PID namespace and pin that namespace at `path`."""
+
+    def work() -> subprocess.Popen:
+        # unshare(CLONE_NEWPID) changes where this thread's children go, so
+        # the holder started next is PID 1 of the new namespace.
+        _unshare(CLONE_FLAGS["pid"])
+        return subprocess.Popen(
+            [sys.executable, "-S", "-c", _PID_HOLDER_CODE, "pyrio-pod-pid-holder", sandbox_id, path],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+    holder: subprocess.Popen = _in_dedicated_thread(work)
+    try:
+        _bind_pin(f"/proc/{holder.pid}/ns/pid", path)
+    except BaseException:
+        holder.kill()
+        holder.wait()
+        raise
+    return holder
+
+
+def is_pid_holder(pid: int, sandbox_id: str) -> bool:
+    """True when `pid` is still this sandbox's holder (not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return False
+    return b"pyrio-pod-pid-holder" in argv and sandbox_id.encode() in argv
+
+
+def stop_pid_holder(pid: int, sandbox_id: str, children: dict[int, subprocess.Popen]) -> None:
+    """Kill the holder (and with it every process of the pod PID namespace)."""
+    if pid and is_pid_holder(pid, sandbox_id):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    child = children.pop(pid, None)
+    if child is not None:
+        child.wait()
+
+
+def unpin(path: str) -> None:
+    """Unmount a namespace pin and remove its file; fine when already gone."""
+    if not path:
+        return
+    # A pin can be mounted more than once if a crash hit between two tries.
+    while mounts.umount(path, lazy=True):
+        pass
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def is_pinned(path: str) -> bool:
+    return bool(path) and mounts.is_mount_point(path)
