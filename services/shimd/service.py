@@ -1,23 +1,645 @@
-"""shimd: starts and finds the per-container shims, and owns container records."""
+"""shimd: starts and finds the per-container shims, and owns container records.
+
+shimd holds nothing in memory that the files do not: records are written
+atomically, exits come from the shims' exit files, and running shims are
+found again through their sockets, so a SIGKILLed shimd restarts into the
+same view of every container.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from common.config import Config
-from common.rpc import RpcServer
+from common.daemon import client_for
+from common.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PyrioError,
+    Unavailable,
+)
+from common.ids import new_id
+from common.rpc import CallContext, RpcServer
+from common.state import atomic_write_json
+from services.shimd import cgroup_stats, oci_spec
+from services.shimd.records import (
+    CREATED,
+    EXITED,
+    PHASE_CREATED,
+    PHASE_CREATING,
+    PHASE_REMOVING,
+    RUNNING,
+    ContainerStore,
+    process_start_time,
+)
+from services.shimd.shim_client import shim_request, spawn_shim
+
+log = logging.getLogger("pyrio.shimd")
+
+# CRI's Signal enum, by number (cri_api.v1 Signal); 0 is RUNTIME_DEFAULT.
+CRI_SIGNALS = [
+    "", "SIGABRT", "SIGALRM", "SIGBUS", "SIGCHLD", "SIGCLD", "SIGCONT", "SIGFPE", "SIGHUP", "SIGILL", "SIGINT",
+    "SIGIO", "SIGIOT", "SIGKILL", "SIGPIPE", "SIGPOLL", "SIGPROF", "SIGPWR", "SIGQUIT", "SIGSEGV", "SIGSTKFLT",
+    "SIGSTOP", "SIGSYS", "SIGTERM", "SIGTRAP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGURG", "SIGUSR1", "SIGUSR2",
+    "SIGVTALRM", "SIGWINCH", "SIGXCPU", "SIGXFSZ",
+]
+SANDBOX_READY_STATES = (0, "SANDBOX_READY", "READY", "ready")
+# Per stream: the kubelet's gRPC client takes at most 16 MiB per message.
+EXEC_OUTPUT_LIMIT = 8 * 1024 * 1024
+# A stop waits the grace period, SIGKILL, then at most this long for the exit.
+STOP_MARGIN_SECONDS = 15.0
+SHIM_REQUEST_TIMEOUT = 10.0
+
+
+def signal_number(name: str | int | None) -> int:
+    """A signal from a CRI enum number, a name (SIGTERM, TERM) or a number string."""
+    if name in (None, "", 0):
+        return int(signal.SIGTERM)
+    if isinstance(name, int):
+        if 0 < name < len(CRI_SIGNALS):
+            return int(getattr(signal, CRI_SIGNALS[name].replace("SIGCLD", "SIGCHLD").replace("SIGPOLL", "SIGIO")))
+        raise InvalidArgument(f"unknown stop signal {name}")
+    text = str(name).strip().upper()
+    if text.isdigit():
+        return int(text)
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return int(getattr(signal, text))
+    except AttributeError:
+        raise InvalidArgument(f"unknown stop signal {name!r}") from None
 
 
 class ShimDaemon:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.store = ContainerStore(config)
+        self.layout = oci_spec.CgroupLayout.detect()
+        self.netd = client_for(config, "netd")
+        self.imaged = client_for(config, "imaged")
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shimd-bulk")
+        self._recovery = threading.Thread(target=self._finish_interrupted, name="shimd-recover", daemon=True)
+        self._recovery.start()
+
+    # --- service ----------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        return {"ready": True, "reason": ""}
+        records = self.store.all()
+        return {"ready": True, "reason": "", "containers": len(records)}
 
     def close(self) -> None:
-        pass
+        self._pool.shutdown(wait=False)
+        self.netd.close()
+        self.imaged.close()
+
+    def register(self, server: RpcServer) -> None:
+        for verb in (
+            "create", "start", "stop", "remove", "status", "list", "exec_sync", "reopen_log",
+            "update_resources", "stats", "list_stats", "stop_all", "remove_all", "attach_info",
+            "exec_info", "resize",
+        ):
+            handler = getattr(self, verb)
+            server.register(f"container.{verb}", lambda params, call, handler=handler: handler(params, call))
+
+    def _finish_interrupted(self) -> None:
+        """Records left half-made or half-removed by a shimd that was killed."""
+        for record in self.store.all():
+            if record.get("phase") not in (PHASE_CREATING, PHASE_REMOVING):
+                continue
+            for attempt in range(30):
+                try:
+                    with self.store.lock_for(record["id"]):
+                        self._destroy(record)
+                    log.info("finished an interrupted create/remove", extra={"container_id": record["id"]})
+                    break
+                except PyrioError as exc:
+                    log.info("retrying interrupted clean-up", extra={"container_id": record["id"], "error": str(exc)})
+                    time.sleep(min(5.0, 0.5 * (attempt + 1)))
+
+    # --- helpers -------------------------------------------------------------
+
+    def _record(self, params: dict[str, Any]) -> dict[str, Any]:
+        container_id = params.get("container_id", "")
+        if not container_id:
+            raise InvalidArgument("container_id must not be empty")
+        record = self.store.get(container_id)
+        if record.get("phase") in (PHASE_CREATING, PHASE_REMOVING):
+            raise NotFound(f"container {container_id!r} not found (it is being {record['phase'][:-3]}ed)")
+        return record
+
+    def _runtime(self, record: dict[str, Any], *args: str, timeout: float = 30.0, check: bool = True,
+                 stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        command = [record["runtime_path"], "--root", record["runtime_root"], *args]
+        try:
+            result = subprocess.run(command, input=stdin, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise DeadlineExceeded(f"{' '.join(command[3:4])} of container {record['id'][:12]} took over {timeout:.0f}s") from None
+        except OSError as exc:
+            raise Internal(f"cannot run {command[0]}: {exc}") from None
+        if check and result.returncode != 0:
+            message = (result.stderr or result.stdout).decode(errors="replace").strip()
+            raise Internal(f"{os.path.basename(command[0])} {args[0]} failed: {message}")
+        return result
+
+    def _sandbox(self, sandbox_id: str) -> dict[str, Any]:
+        return self.netd.call("sandbox.status", {"sandbox_id": sandbox_id}, idempotent=True)
+
+    # --- create ------------------------------------------------------------------
+
+    def create(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        sandbox_id = params.get("sandbox_id", "")
+        config = params.get("config") or {}
+        sandbox_config = params.get("sandbox_config") or {}
+        metadata = config.get("metadata") or {}
+        name = metadata.get("name", "")
+        image = (config.get("image") or {}).get("image", "")
+        if not sandbox_id:
+            raise InvalidArgument("pod_sandbox_id must not be empty")
+        if not name:
+            raise InvalidArgument("container config must have metadata.name")
+        if not image:
+            raise InvalidArgument("container config must name an image (image.image)")
+        if config.get("stdin_once") and not config.get("stdin"):
+            raise InvalidArgument("stdin_once needs stdin")
+        sandbox = self._sandbox(sandbox_id)
+        if sandbox.get("state") not in SANDBOX_READY_STATES:
+            raise FailedPrecondition(f"pod sandbox {sandbox['id'][:12]} is not ready: cannot create containers in it")
+        handler_name = sandbox.get("runtime_handler") or ""
+        handler = self.config.runtime_handler(handler_name)
+        attempt = int(metadata.get("attempt", 0))
+        container_id = new_id()
+        log_directory = sandbox.get("log_directory") or sandbox_config.get("log_directory") or ""
+        log_path = ""
+        if config.get("log_path"):
+            if not log_directory:
+                raise InvalidArgument("log_path is set but the pod sandbox has no log_directory")
+            log_path = os.path.normpath(os.path.join(log_directory, config["log_path"]))
+        record: dict[str, Any] = {
+            "id": container_id,
+            "sandbox_id": sandbox["id"],
+            "name": name,
+            "attempt": attempt,
+            "metadata": metadata,
+            "image": config.get("image") or {},
+            "labels": config.get("labels") or {},
+            "annotations": config.get("annotations") or {},
+            "config": config,
+            "created_at": time.time_ns(),
+            "started_at": 0,
+            "log_path": log_path,
+            "runtime_handler": handler_name or self.config.runtime.default_runtime,
+            "runtime_path": handler.path,
+            "runtime_root": handler.root,
+            "tty": bool(config.get("tty")),
+            "stdin": bool(config.get("stdin")),
+            "stdin_once": bool(config.get("stdin_once")),
+            "phase": PHASE_CREATING,
+        }
+        with self.store.lock:
+            for other in self.store.all():
+                if (other["sandbox_id"] == sandbox["id"] and other["name"] == name and other["attempt"] == attempt
+                        and other.get("phase") != PHASE_REMOVING):
+                    raise AlreadyExists(
+                        f"container name {name!r} (attempt {attempt}) is already in use in pod "
+                        f"{sandbox['id'][:12]} by container {other['id']}; remove it or use another attempt"
+                    )
+            self.store.save(record)
+        try:
+            with self.store.lock_for(container_id):
+                self._create(record, sandbox, sandbox_config, call)
+        except BaseException:
+            try:
+                with self.store.lock_for(container_id):
+                    self._destroy(record)
+            except PyrioError as cleanup_error:
+                log.warning("clean-up of a failed create is left for later",
+                            extra={"container_id": container_id, "error": str(cleanup_error)})
+            raise
+        log.info("container created", extra={"container_id": container_id, "sandbox_id": sandbox["id"], "name": name})
+        return {"container_id": container_id}
+
+    def _create(self, record: dict[str, Any], sandbox: dict[str, Any], sandbox_config: dict[str, Any], call: CallContext) -> None:
+        container_id = record["id"]
+        config = record["config"]
+        prepared = self.imaged.call(
+            "rootfs.prepare",
+            {"container_id": container_id, "image": record["image"].get("image", "")},
+            timeout=max(call.remaining(), 5.0),
+        )
+        record.update(
+            rootfs=prepared["rootfs"],
+            image_ref=prepared.get("image_id", ""),
+            image_name=prepared.get("image_name", ""),
+            repo_digest=prepared.get("repo_digest", ""),
+        )
+        image_config = prepared.get("config") or {}
+        container_dir = self.store.directory(container_id)
+        spec = oci_spec.build_spec(
+            self.config,
+            oci_spec.SpecInputs(
+                container_id=container_id,
+                config=config,
+                sandbox=sandbox,
+                sandbox_config=sandbox_config,
+                image_config=image_config,
+                rootfs=prepared["rootfs"],
+                container_dir=container_dir,
+                image_name=prepared.get("image_name", ""),
+            ),
+            self.layout,
+        )
+        cgroups_path = spec["linux"]["cgroupsPath"]
+        stop_signal = config.get("stop_signal") or image_config.get("StopSignal") or ""
+        termination = oci_spec.termination_message_source(config, container_dir)
+        record.update(
+            cgroups_path=cgroups_path,
+            stop_signal=signal_number(stop_signal),
+            resources=(config.get("linux") or {}).get("resources") or {},
+            mounts=config.get("mounts") or [],
+            termination_message_file=str(termination) if termination else "",
+            user={"uid": spec["process"]["user"]["uid"], "gid": spec["process"]["user"]["gid"],
+                  "supplemental_groups": spec["process"]["user"].get("additionalGids", [])},
+        )
+        bundle = container_dir / "bundle"
+        bundle.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(bundle / "config.json", spec)
+        if record["log_path"]:
+            Path(record["log_path"]).parent.mkdir(parents=True, exist_ok=True)
+        self.store.save(record)
+        Path(record["runtime_root"]).mkdir(parents=True, exist_ok=True, mode=0o700)
+        shim_spec = {
+            "container_id": container_id,
+            "runtime_path": record["runtime_path"],
+            "runtime_root": record["runtime_root"],
+            "bundle": str(bundle),
+            "pid_file": str(container_dir / "init.pid"),
+            "runtime_log": str(container_dir / "runtime.log"),
+            "shim_log": str(container_dir / "shim.log"),
+            "log_path": record["log_path"],
+            "exit_file": str(self.store.exit_file(container_id)),
+            "control_socket": self.store.control_socket(container_id),
+            "attach_socket": self.store.attach_socket(container_id),
+            "tty": record["tty"],
+            "stdin": record["stdin"],
+            "stdin_once": record["stdin_once"],
+            "create_timeout": self.config.runtime.create_timeout,
+            "oom_files": self.layout.oom_files(cgroups_path),
+        }
+        started = spawn_shim(shim_spec, self.config.runtime.create_timeout + 5.0)
+        record.update(
+            shim_pid=started["shim_pid"],
+            shim_start_time=process_start_time(started["shim_pid"]),
+            pid=started["pid"],
+            pid_start_time=process_start_time(started["pid"]),
+            phase=PHASE_CREATED,
+        )
+        self.store.save(record)
+
+    def _destroy(self, record: dict[str, Any]) -> None:
+        """Remove everything a container has (idempotent; each step may already be done)."""
+        container_id = record["id"]
+        if record.get("phase") != PHASE_REMOVING:
+            record["phase"] = PHASE_REMOVING
+            self.store.save(record)
+        if record.get("shim_pid") and self.store.shim_alive(record):
+            try:
+                shim_request(self.store.control_socket(container_id), {"op": "kill", "signal": int(signal.SIGKILL)}, 5.0)
+            except PyrioError:
+                pass
+        if record.get("runtime_path"):
+            self._runtime(record, "delete", "--force", container_id, check=False)
+        try:
+            self.imaged.call("rootfs.remove", {"container_id": container_id}, idempotent=True)
+        except NotFound:
+            pass
+        self.store.delete(container_id)
+
+    # --- start / stop / remove ------------------------------------------------------
+
+    def start(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        record = self._record(params)
+        with self.store.lock_for(record["id"]):
+            state, _ = self.store.state(record)
+            if state != CREATED:
+                raise FailedPrecondition(
+                    f"container {record['id'][:12]} is {self._state_word(state)}: only a created container can be started"
+                )
+            self._runtime(record, "start", record["id"])
+            record["started_at"] = time.time_ns()
+            self.store.save(record)
+        return {}
+
+    @staticmethod
+    def _state_word(state: int) -> str:
+        return {CREATED: "created", RUNNING: "running", EXITED: "exited"}.get(state, "in an unknown state")
+
+    def stop(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        container_id = params.get("container_id", "")
+        if not container_id:
+            raise InvalidArgument("container_id must not be empty")
+        record = self.store.get(container_id)
+        self._stop(record, float(params.get("timeout") or 0))
+        return {}
+
+    def _stop(self, record: dict[str, Any], timeout: float) -> None:
+        with self.store.lock_for(record["id"]):
+            state, _ = self.store.state(record)
+            if state == EXITED or record.get("phase") != PHASE_CREATED:
+                return
+            request = {"op": "stop", "signal": record.get("stop_signal", int(signal.SIGTERM)), "timeout": timeout}
+            try:
+                shim_request(self.store.control_socket(record["id"]), request, timeout + STOP_MARGIN_SECONDS)
+                return
+            except Unavailable:
+                pass
+            # No shim (killed), yet the container lives: signal it ourselves.
+            if self.store.init_alive(record):
+                self._stop_without_shim(record, timeout)
+            self.store.state(record)  # records the exit the shim could not
+
+    def _stop_without_shim(self, record: dict[str, Any], timeout: float) -> None:
+        pid = int(record["pid"])
+        signals = [(record.get("stop_signal", int(signal.SIGTERM)), timeout)] if timeout > 0 else []
+        signals.append((int(signal.SIGKILL), STOP_MARGIN_SECONDS))
+        for signum, wait in signals:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if not self.store.init_alive(record):
+                    return
+                time.sleep(0.05)
+
+    def remove(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        container_id = params.get("container_id", "")
+        if not container_id:
+            raise InvalidArgument("container_id must not be empty")
+        record = self.store.find(container_id)
+        if record is None:
+            return {}  # RemoveContainer is idempotent
+        self._remove(record)
+        return {}
+
+    def _remove(self, record: dict[str, Any]) -> None:
+        if record.get("phase") == PHASE_CREATED:
+            self._stop(record, 0)
+        with self.store.lock_for(record["id"]):
+            if self.store.find(record["id"]) is None:
+                return
+            self._destroy(record)
+        log.info("container removed", extra={"container_id": record["id"]})
+
+    def stop_all(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        records = self._of_sandbox(params.get("sandbox_id", ""))
+        timeout = float(params.get("timeout") or 0)
+        self._each(records, lambda record: self._stop(record, timeout))
+        return {"stopped": [record["id"] for record in records]}
+
+    def remove_all(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        records = self._of_sandbox(params.get("sandbox_id", ""))
+        self._each(records, self._remove)
+        return {"removed": [record["id"] for record in records]}
+
+    def _of_sandbox(self, sandbox_id: str) -> list[dict[str, Any]]:
+        if not sandbox_id:
+            raise InvalidArgument("sandbox_id must not be empty")
+        return [record for record in self.store.all() if record["sandbox_id"] == sandbox_id]
+
+    def _each(self, records: list[dict[str, Any]], action: Any) -> None:
+        errors = []
+        for future in [self._pool.submit(action, record) for record in records]:
+            try:
+                future.result()
+            except PyrioError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    # --- status / list ----------------------------------------------------------------
+
+    def _status(self, record: dict[str, Any], verbose: bool = False) -> dict[str, Any]:
+        state, exit_record = self.store.state(record)
+        status: dict[str, Any] = {
+            "id": record["id"],
+            "pod_sandbox_id": record["sandbox_id"],
+            "metadata": record["metadata"],
+            "state": state,
+            "created_at": record["created_at"],
+            "started_at": record.get("started_at", 0),
+            "finished_at": 0,
+            "exit_code": 0,
+            "image": record["image"],
+            "image_ref": record.get("repo_digest") or record.get("image_ref", ""),
+            "image_id": record.get("image_ref", ""),
+            "reason": "",
+            "message": "",
+            "labels": record["labels"],
+            "annotations": record["annotations"],
+            "mounts": record.get("mounts", []),
+            "log_path": record.get("log_path", ""),
+            "resources": {"linux": record.get("resources", {})},
+            "user": {"linux": record.get("user", {})},
+        }
+        if exit_record is not None:
+            status["finished_at"] = exit_record["exited_at"]
+            status["exit_code"] = exit_record["exit_code"]
+            if exit_record.get("oom_killed"):
+                status["reason"] = "OOMKilled"
+            elif exit_record["exit_code"] == 0:
+                status["reason"] = "Completed"
+            else:
+                status["reason"] = "Error"
+            status["message"] = self.store.termination_message(record) or exit_record.get("lost", "")
+        if verbose:
+            info = {
+                "pid": record.get("pid", 0) if state in (CREATED, RUNNING) else 0,
+                "shim_pid": record.get("shim_pid", 0),
+                "sandbox_id": record["sandbox_id"],
+                "runtime_handler": record.get("runtime_handler", ""),
+                "runtime_spec": self._spec(record),
+                "cgroups_path": record.get("cgroups_path", ""),
+            }
+            status["info"] = {"info": json.dumps(info, sort_keys=True)}
+        return status
+
+    def _spec(self, record: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return json.loads((self.store.directory(record["id"]) / "bundle" / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def status(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        record = self._record(params)
+        return self._status(record, bool(params.get("verbose")))
+
+    def list(self, params: dict[str, Any], call: CallContext) -> list[dict[str, Any]]:
+        wanted = params.get("filter") or {}
+        result = []
+        for record in self._filtered(wanted):
+            state, _ = self.store.state(record)
+            if "state" in wanted and wanted["state"] is not None and state != int((wanted["state"] or {}).get("state", 0)):
+                continue
+            result.append({
+                "id": record["id"],
+                "pod_sandbox_id": record["sandbox_id"],
+                "metadata": record["metadata"],
+                "image": record["image"],
+                "image_ref": record.get("repo_digest") or record.get("image_ref", ""),
+                "image_id": record.get("image_ref", ""),
+                "state": state,
+                "created_at": record["created_at"],
+                "labels": record["labels"],
+                "annotations": record["annotations"],
+            })
+        return result
+
+    def _filtered(self, wanted: dict[str, Any]) -> list[dict[str, Any]]:
+        records = [record for record in self.store.all() if record.get("phase") == PHASE_CREATED]
+        if wanted.get("id"):
+            records = [record for record in records if record["id"].startswith(wanted["id"])]
+        if wanted.get("pod_sandbox_id"):
+            records = [record for record in records if record["sandbox_id"].startswith(wanted["pod_sandbox_id"])]
+        selector = wanted.get("label_selector") or {}
+        if selector:
+            records = [record for record in records
+                       if all(record["labels"].get(key) == value for key, value in selector.items())]
+        return records
+
+    # --- exec, logs, attach -------------------------------------------------------------
+
+    def _running(self, params: dict[str, Any], action: str) -> dict[str, Any]:
+        record = self._record(params)
+        state, _ = self.store.state(record)
+        if state != RUNNING:
+            raise FailedPrecondition(
+                f"cannot {action} container {record['id'][:12]}: it is {self._state_word(state)}, not running"
+            )
+        return record
+
+    def exec_sync(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        record = self._running(params, "exec in")
+        command = list(params.get("cmd") or [])
+        if not command:
+            raise InvalidArgument("exec command must not be empty")
+        timeout = float(params.get("timeout") or 0)
+        pid_file = str(self.store.directory(record["id"]) / f"exec-{new_id()[:16]}.pid")
+        request = {"op": "exec", "cmd": command, "timeout": timeout, "pid_file": pid_file, "max_output": EXEC_OUTPUT_LIMIT}
+        wait = (timeout + STOP_MARGIN_SECONDS) if timeout > 0 else max(call.remaining(), 1.0)
+        reply = shim_request(self.store.control_socket(record["id"]), request, wait)
+        if reply.get("timed_out"):
+            raise DeadlineExceeded(f"command {command!r} timed out after {timeout:g}s and was killed")
+        return {
+            "stdout": base64.b64decode(reply["stdout"]),
+            "stderr": base64.b64decode(reply["stderr"]),
+            "exit_code": int(reply["exit_code"]),
+        }
+
+    def reopen_log(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        record = self._running(params, "reopen the log of")
+        shim_request(self.store.control_socket(record["id"]), {"op": "reopen_log"}, SHIM_REQUEST_TIMEOUT)
+        return {}
+
+    def attach_info(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        record = self._record(params)
+        state, _ = self.store.state(record)
+        return {
+            "attach_socket": self.store.attach_socket(record["id"]),
+            "tty": record["tty"],
+            "stdin": record["stdin"],
+            "stdin_once": record["stdin_once"],
+            "running": state == RUNNING,
+        }
+
+    def exec_info(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        record = self._record(params)
+        state, _ = self.store.state(record)
+        return {
+            "runtime_path": record["runtime_path"],
+            "runtime_root": record["runtime_root"],
+            "runtime_id": record["id"],
+            "running": state == RUNNING,
+        }
+
+    def resize(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        record = self._running(params, "resize")
+        if not record["tty"]:
+            raise FailedPrecondition(f"container {record['id'][:12]} has no TTY to resize")
+        request = {"op": "resize", "width": int(params.get("width", 0)), "height": int(params.get("height", 0))}
+        shim_request(self.store.control_socket(record["id"]), request, SHIM_REQUEST_TIMEOUT)
+        return {}
+
+    # --- resources and stats ---------------------------------------------------------------
+
+    def update_resources(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        record = self._record(params)
+        linux = params.get("linux") or {}
+        with self.store.lock_for(record["id"]):
+            state, _ = self.store.state(record)
+            if state not in (CREATED, RUNNING):
+                raise FailedPrecondition(f"container {record['id'][:12]} is {self._state_word(state)}: cannot update its resources")
+            resources = oci_spec.oci_resources(linux, self.layout)
+            if resources:
+                self._runtime(record, "update", "--resources", "-", record["id"], stdin=json.dumps(resources).encode())
+            merged = dict(record.get("resources") or {})
+            merged.update(linux)
+            record["resources"] = merged
+            self.store.save(record)
+        return {}
+
+    def _stats(self, record: dict[str, Any]) -> dict[str, Any]:
+        stats: dict[str, Any] = {
+            "pod_sandbox_id": record["sandbox_id"],  # for pod stats; not a ContainerStats field
+            "attributes": {
+                "id": record["id"],
+                "metadata": record["metadata"],
+                "labels": record["labels"],
+                "annotations": record["annotations"],
+            },
+        }
+        stats.update(cgroup_stats.container_usage(self.layout, record.get("cgroups_path", "")))
+        now = time.time_ns()
+        try:
+            usage = self.imaged.call("rootfs.usage", {"container_id": record["id"]}, timeout=5.0, idempotent=True)
+            stats["writable_layer"] = {
+                "timestamp": now,
+                "fs_id": {"mountpoint": self.config.image.store_dir},
+                "used_bytes": {"value": int(usage.get("used_bytes", 0))},
+                "inodes_used": {"value": int(usage.get("inodes_used", 0))},
+            }
+        except PyrioError as exc:
+            log.debug("no writable layer usage", extra={"container_id": record["id"], "error": str(exc)})
+        return stats
+
+    def stats(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        return self._stats(self._record(params))
+
+    def list_stats(self, params: dict[str, Any], call: CallContext) -> list[dict[str, Any]]:
+        records = []
+        for record in self._filtered(params.get("filter") or {}):
+            state, _ = self.store.state(record)
+            if state in (CREATED, RUNNING):
+                records.append(record)
+        return list(self._pool.map(self._stats, records))
 
 
 def build(config: Config, server: RpcServer) -> ShimDaemon:
-    return ShimDaemon(config)
+    daemon = ShimDaemon(config)
+    daemon.register(server)
+    return daemon
+

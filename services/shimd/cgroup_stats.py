@@ -1,0 +1,87 @@
+"""CPU and memory figures of a container, read from its cgroup files (v1 and v2)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from services.shimd.oci_spec import CgroupLayout
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    values: dict[str, int] = {}
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if value.strip().lstrip("-").isdigit():
+                values[key] = int(value)
+    except OSError:
+        pass
+    return values
+
+
+def container_usage(layout: CgroupLayout, cgroups_path: str) -> dict[str, Any]:
+    """CRI-shaped cpu and memory usage (ContainerStats.cpu / .memory), {} when the cgroup is gone."""
+    now = time.time_ns()
+    dirs = layout.container_dirs(cgroups_path)
+    usage: dict[str, Any] = {}
+    if layout.unified:
+        base = dirs["unified"]
+        cpu_stat = _read_keyed(base / "cpu.stat")
+        cpu_ns = cpu_stat["usage_usec"] * 1000 if "usage_usec" in cpu_stat else None
+        memory_usage = _read_int(base / "memory.current")
+        memory_stat = _read_keyed(base / "memory.stat")
+        inactive_file = memory_stat.get("inactive_file", 0)
+        rss = memory_stat.get("anon")
+        faults, major_faults = memory_stat.get("pgfault"), memory_stat.get("pgmajfault")
+    else:
+        cpu_ns = _read_int(dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in dirs else None
+        memory_dir = dirs.get("memory")
+        memory_usage = _read_int(memory_dir / "memory.usage_in_bytes") if memory_dir else None
+        memory_stat = _read_keyed(memory_dir / "memory.stat") if memory_dir else {}
+        inactive_file = memory_stat.get("total_inactive_file", 0)
+        rss = memory_stat.get("total_rss")
+        faults, major_faults = memory_stat.get("total_pgfault"), memory_stat.get("total_pgmajfault")
+    if cpu_ns is not None:
+        usage["cpu"] = {"timestamp": now, "usage_core_nano_seconds": {"value": cpu_ns}}
+    if memory_usage is not None:
+        memory: dict[str, Any] = {
+            "timestamp": now,
+            # The kubelet's working set: usage minus what the kernel can drop at once.
+            "working_set_bytes": {"value": max(0, memory_usage - inactive_file)},
+            "usage_bytes": {"value": memory_usage},
+        }
+        if rss is not None:
+            memory["rss_bytes"] = {"value": rss}
+        if faults is not None:
+            memory["page_faults"] = {"value": faults}
+        if major_faults is not None:
+            memory["major_page_faults"] = {"value": major_faults}
+        usage["memory"] = memory
+    return usage
+
+
+def cgroup_limits(layout: CgroupLayout, cgroups_path: str) -> dict[str, Any]:
+    """The limits currently in force (for tests and ContainerStatus verbose info)."""
+    dirs = layout.container_dirs(cgroups_path)
+    if layout.unified:
+        base = dirs["unified"]
+        return {
+            "memory.max": (base / "memory.max").read_text().strip() if (base / "memory.max").exists() else "",
+            "cpu.max": (base / "cpu.max").read_text().strip() if (base / "cpu.max").exists() else "",
+        }
+    limits: dict[str, Any] = {}
+    if "memory" in dirs:
+        limits["memory.limit_in_bytes"] = _read_int(dirs["memory"] / "memory.limit_in_bytes")
+    if "cpu" in dirs:
+        limits["cpu.cfs_quota_us"] = _read_int(dirs["cpu"] / "cpu.cfs_quota_us")
+        limits["cpu.shares"] = _read_int(dirs["cpu"] / "cpu.shares")
+    return limits
