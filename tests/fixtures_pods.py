@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -137,3 +138,62 @@ def pods(stack: Stack) -> Iterator[Pods]:
         yield own
     finally:
         own.cleanup()
+
+
+# A CNI plugin for fault tests, chained after the bridge: by the word in its
+# `mode` file it passes ADD through ("ok"), fails it with a spec error object
+# ("fail") or hangs in it ("hang"); it notes each ADD in `add-started`.
+FAULT_PLUGIN = '''#!{python}
+import json, os, sys, time, pathlib
+here = pathlib.Path(__file__).parent
+command = os.environ.get("CNI_COMMAND")
+conf = json.load(sys.stdin) if command != "VERSION" else {{}}
+mode = (here / "mode").read_text().strip() if (here / "mode").exists() else "ok"
+if command == "VERSION":
+    print(json.dumps({{"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0"]}}))
+elif command == "ADD":
+    (here / "add-started").write_text(os.environ.get("CNI_CONTAINERID", ""))
+    if mode == "fail":
+        print(json.dumps({{"cniVersion": "1.0.0", "code": 11, "msg": "pyrio-test-fault: injected failure",
+                          "details": "the fault plugin was told to fail"}}))
+        sys.exit(1)
+    if mode == "hang":
+        time.sleep(300)
+    print(json.dumps(conf.get("prevResult") or {{}}))
+'''
+
+FAULT_PLUGIN_MESSAGE = "pyrio-test-fault: injected failure: the fault plugin was told to fail"
+
+
+class FaultStack(Stack):
+    """A private stack whose network chains the fault plugin after the bridge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plugin_dir = self.root / "cni" / "bin"
+        self.plugin_dir.mkdir(parents=True)
+        plugin = self.plugin_dir / "pyrio-test-fault"
+        plugin.write_text(FAULT_PLUGIN.format(python=sys.executable))
+        plugin.chmod(0o755)
+        self.config["network"]["cni_plugin_dirs"] = ["/usr/lib/cni", str(self.plugin_dir)]
+        self.write_config()
+        conflist = self.cni_conflist()
+        conflist["plugins"].insert(1, {"type": "pyrio-test-fault"})
+        self.write_cni_config(conflist)
+
+    def set_fault(self, mode: str) -> None:
+        (self.plugin_dir / "mode").write_text(mode)
+
+    def add_started(self) -> str:
+        path = self.plugin_dir / "add-started"
+        return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture
+def fault_stack() -> Iterator[FaultStack]:
+    own = FaultStack()
+    try:
+        own.start()
+        yield own
+    finally:
+        own.stop()

@@ -1,0 +1,158 @@
+"""Faults around pod networking, each on a private stack: broken CNI config,
+a failing plugin, and netd SIGKILLed during and after RunPodSandbox.
+
+After every fault the node must hold nothing of the pod: no veth, no IP in
+the host-local store, no pinned namespace or mount, no portmap chain, no record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2
+
+from tests.fixtures_pods import FAULT_PLUGIN_MESSAGE, FaultStack, Pods, host_local_allocations, pod_config, sandbox_info
+from tests.harness import Stack, leak_report, wait_until
+
+
+def network_condition(stack: Stack) -> api_pb2.RuntimeCondition:
+    reply = stack.runtime.Status(api_pb2.StatusRequest(), timeout=10)
+    return {condition.type: condition for condition in reply.status.conditions}["NetworkReady"]
+
+
+def assert_nothing_left(stack: Stack) -> None:
+    """No pod of this stack holds anything on the node any more."""
+    report = leak_report(stack)
+    # Processes are judged by pod only (PID holders): shimd's own helpers are not pods.
+    report["processes"] = [pid for pid in report["processes"] if "pyrio-pod-pid-holder" in cmdline(pid)]
+    assert not any(report.values()), report
+    assert host_local_allocations(stack) == []
+    assert stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items == []
+    netd_state = stack.state_dir / "netd"
+    for sub in ("sandboxes", "cni", "pods"):
+        directory = netd_state / sub
+        assert not directory.exists() or [p.name for p in directory.iterdir()] == [], f"{directory} not empty"
+    for kind in ("netns", "ipcns", "utsns", "pidns"):
+        directory = stack.run_dir / kind
+        assert not directory.exists() or list(directory.iterdir()) == [], f"{directory} not empty"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_netd(stack: Stack) -> int:
+    pid = stack.service_pid("netd")
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: stack.service_pid("netd") not in (0, pid), 30, what="netd restarted")
+    stack.wait_service_running("netd")
+    return pid
+
+
+def test_broken_cni_config_reported_and_refused_cleanly(fresh_stack: Stack) -> None:
+    pods = Pods(fresh_stack)
+    conf = next(fresh_stack.cni_config_dir.iterdir())
+    good = conf.read_text()
+    try:
+        cases = [("{not json", "10-test.conflist"), (good.replace('"portmap"', '"no-such-plugin"'), "no-such-plugin")]
+        for text, expected in cases:
+            conf.write_text(text)
+            condition = network_condition(fresh_stack)
+            assert condition.status is False and expected in condition.message
+            with pytest.raises(grpc.RpcError) as caught:
+                pods.run(pod_config())
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert expected in caught.value.details()
+            assert_nothing_left(fresh_stack)
+            # A hostNetwork pod needs no CNI network and still runs.
+            host_pod = pods.run(pod_config(host_network=True))
+            pods.remove(host_pod)
+        # A fixed config is picked up without a restart.
+        conf.write_text(good)
+        wait_until(lambda: network_condition(fresh_stack).status, 10, what="NetworkReady")
+        sandbox_id = pods.run(pod_config())
+        assert pods.status(sandbox_id).status.network.ip
+        pods.remove(sandbox_id)
+        assert_nothing_left(fresh_stack)
+    finally:
+        pods.cleanup()
+
+
+def test_plugin_error_returned_verbatim_and_everything_cleaned(fault_stack: FaultStack) -> None:
+    pods = Pods(fault_stack)
+    fault_stack.set_fault("fail")
+    with pytest.raises(grpc.RpcError) as caught:
+        pods.run(pod_config(port_mappings=[(80, 28080)]))
+    assert FAULT_PLUGIN_MESSAGE in caught.value.details()
+    assert 'plugin type="pyrio-test-fault"' in caught.value.details()
+    # The bridge plugin had made a veth and allocated an IP before the fault.
+    assert fault_stack.add_started()
+    assert_nothing_left(fault_stack)
+    fault_stack.set_fault("ok")
+    sandbox_id = pods.run(pod_config())
+    pods.remove(sandbox_id)
+    assert_nothing_left(fault_stack)
+
+
+def test_netd_killed_between_run_and_stop(fault_stack: FaultStack) -> None:
+    pods = Pods(fault_stack)
+    try:
+        sandbox_id = pods.run(pod_config(port_mappings=[(80, 28081)], pid_mode=api_pb2.POD))
+        info = sandbox_info(fault_stack, sandbox_id)
+        assert info["network"]["ip"] in host_local_allocations(fault_stack)
+        kill_netd(fault_stack)
+        # The restarted netd knows the pod from its records and CNI cache.
+        status = pods.status(sandbox_id).status
+        assert status.state == api_pb2.SANDBOX_READY and status.network.ip == info["network"]["ip"]
+        pods.stop(sandbox_id)
+        assert host_local_allocations(fault_stack) == []
+        assert leak_report(fault_stack)["veths"] == [] and leak_report(fault_stack)["iptables_chains"] == []
+        pods.remove(sandbox_id)
+        assert_nothing_left(fault_stack)
+    finally:
+        pods.cleanup()
+
+
+def test_netd_killed_during_run_is_cleaned_up_at_restart(fault_stack: FaultStack) -> None:
+    pods = Pods(fault_stack)
+    fault_stack.set_fault("hang")
+    config = pod_config(port_mappings=[(80, 28082)], pid_mode=api_pb2.POD)
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["id"] = pods.run(config)
+        except grpc.RpcError as exc:
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        sandbox_id = wait_until(fault_stack.add_started, 30, what="CNI ADD in progress")
+        # Mid-ADD the pod holds a pinned netns, a veth and an IP.
+        assert host_local_allocations(fault_stack)
+        assert Path(fault_stack.run_dir / "netns" / sandbox_id).exists()
+        fault_stack.set_fault("ok")
+        kill_netd(fault_stack)
+        runner.join(60)
+        assert isinstance(outcome.get("error"), grpc.RpcError)
+        assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE
+        wait_until(lambda: not host_local_allocations(fault_stack), 30, what="IP released after restart")
+        assert_nothing_left(fault_stack)
+        # The name is free again, and the network works.
+        retry = pods.run(config)
+        assert pods.status(retry).status.network.ip
+        pods.remove(retry)
+        assert_nothing_left(fault_stack)
+    finally:
+        runner.join(5)
+        pods.cleanup()
