@@ -19,7 +19,7 @@ from pathlib import Path
 def main(selected: list[str]) -> int:
     names = sorted(
         module.name[len("bench_") :]
-        for module in pkgutil.iter_modules([str(Path(__file__).parent))
+        for module in pkgutil.iter_modules([str(Path(__file__).parent)])
         if module.name.startswith("bench_")
     )
     failures = 0
