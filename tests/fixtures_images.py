@@ -1,1 +1,273 @@
-"""Fixtures for the images tests (kept apart so each area owns its file)."""
+"""Fixtures for the images tests (kept apart so each area owns its file).
+
+`registry`: Debian's docker-registry on 127.0.0.1 (free port, its own
+storage dir and config), anonymous, for the session. `auth_registries`: the
+same storage served twice more, once behind Basic auth (htpasswd -B) and once
+behind bearer tokens from a tiny token server written here, so images pushed
+through `registry` are pulled through either door. `busybox_image`: the
+standard test image (tests/oci_images.push_busybox) pushed once per session.
+
+Every registry and token server process is ended by its PID at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.oci_images import PushedImage, basic_auth_header, push_busybox, wait_for_registry
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+TOKEN_SERVICE = "pyrio-test-registry"
+TOKEN_ISSUER = "pyrio-test-token-issuer"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Registry:
+    """A running docker-registry on 127.0.0.1."""
+
+    host: str
+    storage: Path
+    process: subprocess.Popen
+    username: str = ""
+    password: str = ""
+    kind: str = "anonymous"
+    extra: dict = field(default_factory=dict)
+
+    def auth_header(self) -> str | None:
+        # Pushes go through the anonymous door; auth registries share its storage.
+        return None
+
+    def blob_data_path(self, digest: str) -> Path:
+        """Where the registry keeps a blob's bytes (to tamper with it)."""
+        algorithm, hexdigest = digest.split(":", 1)
+        return self.storage / "docker/registry/v2/blobs" / algorithm / hexdigest[:2] / hexdigest / "data"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def _registry_yaml(storage: Path, port: int, auth: str = "") -> str:
+    return (
+        "version: 0.1\n"
+        "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+        + auth
+    )
+
+
+def start_registry(workdir: Path, storage: Path, name: str, auth: str = "") -> Registry:
+    port = free_port()
+    config = workdir / f"{name}.yml"
+    config.write_text(_registry_yaml(storage, port, auth))
+    log = open(workdir / f"{name}.log", "ab")
+    process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    registry = Registry(host=f"127.0.0.1:{port}", storage=storage, process=process, kind=name)
+    try:
+        wait_for_registry(registry.host)
+    except Exception:
+        registry.stop()
+        raise RuntimeError(f"docker-registry {name} did not start: {(workdir / f'{name}.log').read_text()[-2000:]}")
+    return registry
+
+
+# --- bearer tokens ------------------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenIssuer:
+    """Signs registry JWTs (RS256, certificate in x5c) with openssl."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.key = workdir / "token.key"
+        self.cert = workdir / "token.crt"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key), "-out", str(self.cert),
+             "-days", "2", "-subj", "/CN=pyrio-test-token"],
+            check=True, capture_output=True,
+        )
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"], check=True, capture_output=True).stdout
+        self.cert_der_b64 = base64.b64encode(der).decode()
+
+    def token(self, subject: str, access: list[dict]) -> str:
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.cert_der_b64]}
+        claims = {
+            "iss": TOKEN_ISSUER, "sub": subject, "aud": TOKEN_SERVICE, "exp": now + 600, "nbf": now - 60,
+            "iat": now, "jti": secrets.token_hex(8), "access": access,
+        }
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        signature = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(), check=True, capture_output=True
+        ).stdout
+        return f"{signing_input}.{_b64url(signature)}"
+
+
+class TokenServer:
+    """The registry's token endpoint: GET /token with Basic credentials, and
+    POST /token with a refresh token (the CRI identity_token)."""
+
+    def __init__(self, issuer: TokenIssuer, username: str, password: str) -> None:
+        self.issuer = issuer
+        self.username = username
+        self.password = password
+        self.refresh_token = "refresh-" + secrets.token_hex(8)
+        self.requests: list[dict] = []
+        server_self = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _grant(self, params: dict[str, str], authorized: bool) -> None:
+                server_self.requests.append({"params": params, "authorized": authorized})
+                if not authorized:
+                    self._answer(401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]})
+                    return
+                access = []
+                for scope in params.get("scope", "").split():
+                    kind, _, rest = scope.partition(":")
+                    name, _, actions = rest.rpartition(":")
+                    access.append({"type": kind, "name": name, "actions": actions.split(",")})
+                token = server_self.issuer.token(server_self.username, access)
+                self._answer(200, {"token": token, "access_token": token, "expires_in": 600,
+                                   "refresh_token": server_self.refresh_token})
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                params = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                expected = basic_auth_header(server_self.username, server_self.password)
+                self._grant(params, self.headers.get("Authorization") == expected)
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                params = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                authorized = (
+                    params.get("grant_type") == "refresh_token" and params.get("refresh_token") == server_self.refresh_token
+                ) or (
+                    params.get("grant_type") == "password"
+                    and params.get("username") == server_self.username
+                    and params.get("password") == server_self.password
+                )
+                self._grant(params, authorized)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class AuthRegistries:
+    basic: Registry
+    token: Registry
+    token_server: TokenServer
+    username: str
+    password: str
+
+
+# --- fixtures -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def registry_workdir() -> Iterator[Path]:
+    workdir = Path(tempfile.mkdtemp(prefix="pyrio-registry-", dir="/tmp"))
+    try:
+        yield workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def registry(registry_workdir: Path) -> Iterator[Registry]:
+    """An anonymous docker-registry on 127.0.0.1 for the session."""
+    storage = registry_workdir / "storage"
+    storage.mkdir()
+    running = start_registry(registry_workdir, storage, "anonymous")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_registries(registry: Registry, registry_workdir: Path) -> Iterator[AuthRegistries]:
+    """The `registry` storage behind Basic auth and behind bearer tokens."""
+    username, password = "pyrio", "s3cret-" + secrets.token_hex(4)
+    htpasswd = registry_workdir / "htpasswd"
+    subprocess.run(["htpasswd", "-B", "-b", "-c", str(htpasswd), username, password], check=True, capture_output=True)
+    started: list = []
+    try:
+        basic = start_registry(
+            registry_workdir, registry.storage, "basic",
+            f"auth:\n  htpasswd:\n    realm: pyrio-test\n    path: {htpasswd}\n",
+        )
+        started.append(basic)
+        issuer = TokenIssuer(registry_workdir)
+        token_server = TokenServer(issuer, username, password)
+        started.append(token_server)
+        token = start_registry(
+            registry_workdir, registry.storage, "token",
+            f"auth:\n  token:\n    realm: {token_server.realm}\n    service: {TOKEN_SERVICE}\n"
+            f"    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {issuer.cert}\n",
+        )
+        started.append(token)
+        for door in (basic, token):
+            door.username, door.password = username, password
+        yield AuthRegistries(basic=basic, token=token, token_server=token_server, username=username, password=password)
+    finally:
+        for item in reversed(started):
+            item.stop()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(registry: Registry) -> PushedImage:
+    """The standard busybox test image, pushed once: `busybox_image.reference`."""
+    return push_busybox(registry, "pyrio/busybox", "latest")
