@@ -10,6 +10,7 @@ not needed to look into a pod).
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import uuid
@@ -70,6 +71,14 @@ def pod_config(
     if cgroup_parent:
         config.linux.cgroup_parent = cgroup_parent
     return config
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 now, for a pod's host port:
+    portmap redirects local traffic to it while the pod runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def in_netns(netns: str, *command: str, timeout: float = 20, check: bool = True) -> subprocess.CompletedProcess:

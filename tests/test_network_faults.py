@@ -7,7 +7,6 @@ the host-local store, no pinned namespace or mount, no portmap chain, no record.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -17,7 +16,15 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
-from tests.fixtures_pods import FAULT_PLUGIN_MESSAGE, FaultStack, Pods, host_local_allocations, pod_config, sandbox_info
+from tests.fixtures_pods import (
+    FAULT_PLUGIN_MESSAGE,
+    FaultStack,
+    Pods,
+    free_port,
+    host_local_allocations,
+    pod_config,
+    sandbox_info,
+)
 from tests.harness import Stack, leak_report, wait_until
 
 
@@ -50,6 +57,13 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def assert_new_pod_works_and_leaves_nothing(stack: Stack, pods: Pods, config: api_pb2.PodSandboxConfig) -> None:
+    sandbox_id = pods.run(config)
+    assert pods.status(sandbox_id).status.network.ip
+    pods.remove(sandbox_id)
+    assert_nothing_left(stack)
+
+
 def kill_netd(stack: Stack) -> int:
     pid = stack.service_pid("netd")
     os.kill(pid, signal.SIGKILL)
@@ -79,10 +93,7 @@ def test_broken_cni_config_reported_and_refused_cleanly(fresh_stack: Stack) -> N
         # A fixed config is picked up without a restart.
         conf.write_text(good)
         wait_until(lambda: network_condition(fresh_stack).status, 10, what="NetworkReady")
-        sandbox_id = pods.run(pod_config())
-        assert pods.status(sandbox_id).status.network.ip
-        pods.remove(sandbox_id)
-        assert_nothing_left(fresh_stack)
+        assert_new_pod_works_and_leaves_nothing(fresh_stack, pods, pod_config())
     finally:
         pods.cleanup()
 
@@ -91,22 +102,20 @@ def test_plugin_error_returned_verbatim_and_everything_cleaned(fault_stack: Faul
     pods = Pods(fault_stack)
     fault_stack.set_fault("fail")
     with pytest.raises(grpc.RpcError) as caught:
-        pods.run(pod_config(port_mappings=[(80, 28080)]))
+        pods.run(pod_config(port_mappings=[(80, free_port())]))
     assert FAULT_PLUGIN_MESSAGE in caught.value.details()
     assert 'plugin type="pyrio-test-fault"' in caught.value.details()
     # The bridge plugin had made a veth and allocated an IP before the fault.
     assert fault_stack.add_started()
     assert_nothing_left(fault_stack)
     fault_stack.set_fault("ok")
-    sandbox_id = pods.run(pod_config())
-    pods.remove(sandbox_id)
-    assert_nothing_left(fault_stack)
+    assert_new_pod_works_and_leaves_nothing(fault_stack, pods, pod_config())
 
 
 def test_netd_killed_between_run_and_stop(fault_stack: FaultStack) -> None:
     pods = Pods(fault_stack)
     try:
-        sandbox_id = pods.run(pod_config(port_mappings=[(80, 28081)], pid_mode=api_pb2.POD))
+        sandbox_id = pods.run(pod_config(port_mappings=[(80, free_port())], pid_mode=api_pb2.POD))
         info = sandbox_info(fault_stack, sandbox_id)
         assert info["network"]["ip"] in host_local_allocations(fault_stack)
         kill_netd(fault_stack)
@@ -125,7 +134,7 @@ def test_netd_killed_between_run_and_stop(fault_stack: FaultStack) -> None:
 def test_netd_killed_during_run_is_cleaned_up_at_restart(fault_stack: FaultStack) -> None:
     pods = Pods(fault_stack)
     fault_stack.set_fault("hang")
-    config = pod_config(port_mappings=[(80, 28082)], pid_mode=api_pb2.POD)
+    config = pod_config(port_mappings=[(80, free_port())], pid_mode=api_pb2.POD)
     outcome: dict[str, object] = {}
 
     def run() -> None:
@@ -149,10 +158,7 @@ def test_netd_killed_during_run_is_cleaned_up_at_restart(fault_stack: FaultStack
         wait_until(lambda: not host_local_allocations(fault_stack), 30, what="IP released after restart")
         assert_nothing_left(fault_stack)
         # The name is free again, and the network works.
-        retry = pods.run(config)
-        assert pods.status(retry).status.network.ip
-        pods.remove(retry)
-        assert_nothing_left(fault_stack)
+        assert_new_pod_works_and_leaves_nothing(fault_stack, pods, config)
     finally:
         runner.join(5)
         pods.cleanup()

@@ -12,7 +12,6 @@ import os
 import random
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,7 @@ from cri_api.v1 import api_pb2
 
 from common.config import load_config
 from common.daemon import client_for
-from tests.fixtures_pods import BUSYBOX, Pods, host_local_allocations, in_netns, pod_config, sandbox_info
+from tests.fixtures_pods import BUSYBOX, Pods, free_port, host_local_allocations, in_netns, pod_config, sandbox_info
 from tests.harness import Stack, mounts_under, portmap_chains, wait_until
 
 
@@ -45,12 +44,6 @@ def host_veth_of(stack: Stack, netns: str) -> str:
         if line.startswith(f"{peer_index}: "):
             return line.split(": ")[1].split("@")[0]
     raise AssertionError(f"no host link with index {peer_index}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Listener:

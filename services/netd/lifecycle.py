@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 from common.config import Config
