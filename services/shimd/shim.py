@@ -32,7 +32,6 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import termios
 import time
@@ -58,9 +57,13 @@ STREAM_STDOUT = b"\x02"
 STREAM_STDERR = b"\x03"
 
 
+# Resolved once in the zygote, so a shim does not build ctypes objects.
+_libc_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_libc_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
 def prctl(option: int, value: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0) != 0:
+    if _libc_prctl(option, value, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 
@@ -252,7 +255,7 @@ class Shim:
             stdio = (stdin, out_w, err_w)
         args.append(self.container_id)
         try:
-            process = subprocess.Popen(args, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], close_fds=True)
+            runtime_pid = spawn(args, stdio)
         except OSError as exc:
             raise RuntimeError(f"cannot run {args[0]}: {exc}") from None
         finally:
@@ -261,22 +264,24 @@ class Shim:
             os.close(devnull)
         deadline = time.monotonic() + float(spec.get("create_timeout", 60))
         master = -1
+        returncode: int | None = None
         while True:
-            finished = process.poll() is not None
+            if returncode is None:
+                returncode = poll_child(runtime_pid)
             if console is not None and master < 0:
                 ready, _, _ = select.select([console], [], [], 0.02)
                 if ready:
                     master = self.receive_console(console)
                     continue
-                if finished:
+                if returncode is not None:
                     break
-            elif finished:
+            elif returncode is not None:
                 break
             else:
                 time.sleep(0.003)
             if time.monotonic() > deadline:
-                process.kill()
-                process.wait()
+                os.kill(runtime_pid, signal.SIGKILL)
+                os.waitpid(runtime_pid, 0)
                 raise RuntimeError(f"{args[0]} create did not finish within {spec.get('create_timeout')}s")
         if console is not None:
             console.close()
@@ -284,8 +289,8 @@ class Shim:
                 os.unlink(spec["control_socket"] + ".console")
             except FileNotFoundError:
                 pass
-        if process.returncode != 0:
-            raise RuntimeError(runtime_error(runtime_log, f"{args[0]} create exited with {process.returncode}"))
+        if returncode != 0:
+            raise RuntimeError(runtime_error(runtime_log, f"{args[0]} create exited with {returncode}"))
         if self.tty:
             if master < 0:
                 raise RuntimeError("the runtime sent no console for the tty container")
@@ -637,6 +642,23 @@ class Shim:
             os._exit(0)
 
 
+def spawn(args: list[str], stdio: tuple[int, int, int]) -> int:
+    """posix_spawn with the given stdio (every other fd of the shim is close-on-exec).
+
+    Not subprocess: its Python-level machinery would dirty pages the shims
+    otherwise share."""
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+    return os.posix_spawn(args[0], args, os.environ, file_actions=actions)
+
+
+def poll_child(pid: int) -> int | None:
+    """The exit code of a child that ended (reaping it), None while it runs."""
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if not done:
+        return None
+    return os.waitstatus_to_exitcode(status)
+
+
 def run_exec(runtime: list[str], container_id: str, request: dict[str, Any]) -> dict[str, Any]:
     """`<runtime> exec` with a timeout and bounded output."""
     command = [str(part) for part in request.get("cmd") or []]
@@ -644,9 +666,15 @@ def run_exec(runtime: list[str], container_id: str, request: dict[str, Any]) -> 
     limit = int(request.get("max_output") or DEFAULT_EXEC_OUTPUT_LIMIT)
     pid_file = request["pid_file"]
     args = runtime + ["exec", "--pid-file", pid_file, container_id, *command]
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert process.stdout is not None and process.stderr is not None
-    streams = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pid = spawn(args, (devnull, out_w, err_w))
+    finally:
+        for fd in (out_w, err_w, devnull):
+            os.close(fd)
+    streams = {out_r: bytearray(), err_r: bytearray()}
     truncated = False
     deadline = time.monotonic() + timeout if timeout > 0 else None
     timed_out = False
@@ -656,7 +684,7 @@ def run_exec(runtime: list[str], container_id: str, request: dict[str, Any]) -> 
         ready, _, _ = select.select(list(open_fds), [], [], wait)
         if not ready and deadline is not None and time.monotonic() >= deadline:
             timed_out = True
-            kill_exec(pid_file, process)
+            kill_exec(pid_file, pid)
             deadline = None  # keep reading until the pipes close
             continue
         for fd in ready:
@@ -669,32 +697,33 @@ def run_exec(runtime: list[str], container_id: str, request: dict[str, Any]) -> 
                 truncated = True
             if room > 0:
                 streams[fd] += data[:room]
-    returncode = process.wait()
+    _, status = os.waitpid(pid, 0)
+    returncode = os.waitstatus_to_exitcode(status)
     try:
         os.unlink(pid_file)
     except FileNotFoundError:
         pass
     return {
         "ok": True,
-        "stdout": base64.b64encode(bytes(streams[process.stdout.fileno()])).decode(),
-        "stderr": base64.b64encode(bytes(streams[process.stderr.fileno()])).decode(),
+        "stdout": base64.b64encode(bytes(streams[out_r])).decode(),
+        "stderr": base64.b64encode(bytes(streams[err_r])).decode(),
         "exit_code": returncode if returncode >= 0 else 128 - returncode,
         "timed_out": timed_out,
         "truncated": truncated,
     }
 
 
-def kill_exec(pid_file: str, process: subprocess.Popen) -> None:
+def kill_exec(pid_file: str, runtime_pid: int) -> None:
     # runc exec does not pass SIGKILL on: kill the exec'd process itself.
     try:
         with open(pid_file) as handle:
             os.kill(int(handle.read().strip()), signal.SIGKILL)
     except (OSError, ValueError):
-        pass
-    try:
-        process.wait(2)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        # Not started yet (or gone): end the runtime's exec instead.
+        try:
+            os.kill(runtime_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run(spec: dict[str, Any], notify_fd: int) -> None:
@@ -704,6 +733,7 @@ def run(spec: dict[str, Any], notify_fd: int) -> None:
         os.umask(0o022)
         # Orphans of the container (in a shared PID namespace) are reaped here.
         prctl(PR_SET_CHILD_SUBREAPER, 1)
+        os.set_inheritable(notify_fd, False)
         shim = Shim(spec, notify_fd)
         shim.notify({"shim_pid": os.getpid()})
         try:
@@ -725,6 +755,28 @@ def run(spec: dict[str, Any], notify_fd: int) -> None:
         code = 1
     finally:
         os._exit(code)
+
+
+def warm_up() -> None:
+    """Run the shim's hot paths in the zygote before it forks.
+
+    CPython specializes bytecode in place as it runs and builds caches on
+    first use: done once here, those pages stay shared instead of being
+    copied into every shim.
+    """
+    writer = LogWriter(os.devnull)
+    for _ in range(64):
+        writer.write(b"stdout", b"warm\nup " * 4)
+        writer.write(b"stderr", b"x" * (MAX_LOG_LINE + 1))
+        json.loads(json.dumps({"op": "state", "ok": True, "exit": None}))
+        poller = select.poll()
+        poller.register(writer.fd, select.POLLOUT)
+        poller.poll(0)
+        poller.unregister(writer.fd)
+        read_oom_kills(["/proc/self/status"])
+    writer.flush_partial(b"stdout")
+    writer.flush_partial(b"stderr")
+    os.close(writer.fd)
 
 
 def main() -> None:

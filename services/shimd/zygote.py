@@ -35,6 +35,7 @@ def _serve(sock: socket.socket) -> None:
     shim.prctl(shim.PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    shim.warm_up()
     gc.collect()
     gc.freeze()
     while True:
