@@ -151,13 +151,18 @@ def pods(stack: Stack) -> Iterator[Pods]:
 
 # A CNI plugin for fault tests, chained after the bridge: by the word in its
 # `mode` file it passes ADD through ("ok"), fails it with a spec error object
-# ("fail") or hangs in it ("hang"); it notes each ADD in `add-started`.
+# ("fail") or hangs in it ("hang"); it notes each ADD in `add-started`, and
+# keeps the stdin and CNI_* environment of its last ADD and DEL in
+# `add.json` / `del.json`.
 FAULT_PLUGIN = '''#!{python}
 import json, os, sys, time, pathlib
 here = pathlib.Path(__file__).parent
 command = os.environ.get("CNI_COMMAND")
 conf = json.load(sys.stdin) if command != "VERSION" else {{}}
 mode = (here / "mode").read_text().strip() if (here / "mode").exists() else "ok"
+if command in ("ADD", "DEL"):
+    seen = {{"stdin": conf, "env": {{k: v for k, v in os.environ.items() if k.startswith("CNI_")}}}}
+    (here / (command.lower() + ".json")).write_text(json.dumps(seen))
 if command == "VERSION":
     print(json.dumps({{"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0"]}}))
 elif command == "ADD":
@@ -187,11 +192,15 @@ class FaultStack(Stack):
         self.config["network"]["cni_plugin_dirs"] = ["/usr/lib/cni", str(self.plugin_dir)]
         self.write_config()
         conflist = self.cni_conflist()
-        conflist["plugins"].insert(1, {"type": "pyrio-test-fault"})
+        conflist["plugins"].insert(1, {"type": "pyrio-test-fault", "capabilities": {"portMappings": True, "dns": True}})
         self.write_cni_config(conflist)
 
     def set_fault(self, mode: str) -> None:
         (self.plugin_dir / "mode").write_text(mode)
+
+    def plugin_saw(self, command: str) -> dict[str, Any]:
+        """The stdin and CNI_* environment of the fault plugin's last ADD or DEL."""
+        return json.loads((self.plugin_dir / f"{command.lower()}.json").read_text())
 
     def add_started(self) -> str:
         path = self.plugin_dir / "add-started"

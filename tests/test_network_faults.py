@@ -162,3 +162,42 @@ def test_netd_killed_during_run_is_cleaned_up_at_restart(fault_stack: FaultStack
     finally:
         runner.join(5)
         pods.cleanup()
+
+
+def test_plugins_get_the_cni_environment_and_runtime_config(fault_stack: FaultStack) -> None:
+    pods = Pods(fault_stack)
+    host_port = free_port()
+    config = pod_config(
+        port_mappings=[(8080, host_port)], dns={"servers": ["10.96.0.10"], "searches": ["svc.local"], "options": ["ndots:2"]}
+    )
+    try:
+        sandbox_id = pods.run(config)
+        info = sandbox_info(fault_stack, sandbox_id)
+        add = fault_stack.plugin_saw("ADD")
+        assert add["env"]["CNI_COMMAND"] == "ADD"
+        assert add["env"]["CNI_CONTAINERID"] == sandbox_id
+        assert add["env"]["CNI_NETNS"] == info["namespaces"]["network"]
+        assert add["env"]["CNI_IFNAME"] == "eth0"
+        assert "/usr/lib/cni" in add["env"]["CNI_PATH"].split(":")
+        cni_args = dict(pair.split("=", 1) for pair in add["env"]["CNI_ARGS"].split(";"))
+        assert cni_args["K8S_POD_NAME"] == config.metadata.name
+        assert cni_args["K8S_POD_NAMESPACE"] == config.metadata.namespace
+        assert cni_args["K8S_POD_UID"] == config.metadata.uid
+        assert cni_args["K8S_POD_INFRA_CONTAINER_ID"] == sandbox_id
+        stdin = add["stdin"]
+        assert stdin["name"] == "pyrio-test" and stdin["cniVersion"] == "1.0.0"
+        assert stdin["runtimeConfig"] == {
+            "portMappings": [{"hostPort": host_port, "containerPort": 8080, "protocol": "tcp", "hostIP": "127.0.0.1"}],
+            "dns": {"servers": ["10.96.0.10"], "searches": ["svc.local"], "options": ["ndots:2"]},
+        }
+        # The chained plugin sees the bridge's result.
+        assert any(ip["address"].startswith(info["network"]["ip"] + "/") for ip in stdin["prevResult"]["ips"])
+        pods.stop(sandbox_id)
+        deleted = fault_stack.plugin_saw("DEL")
+        assert deleted["env"]["CNI_COMMAND"] == "DEL" and deleted["env"]["CNI_CONTAINERID"] == sandbox_id
+        assert deleted["stdin"]["runtimeConfig"] == stdin["runtimeConfig"]
+        assert deleted["stdin"]["prevResult"]["ips"]
+        pods.remove(sandbox_id)
+        assert_nothing_left(fault_stack)
+    finally:
+        pods.cleanup()

@@ -128,7 +128,6 @@ class CniRunner:
         runtime = {name: value for name, value in entry["runtime_config"].items() if name in capabilities}
         if runtime:
             stdin["runtimeConfig"] = runtime
-        stdin.pop("capabilities", None)
         if prev_result is not None:
             stdin["prevResult"] = prev_result
         env = dict(os.environ)
