@@ -14,17 +14,20 @@ import threading
 from common.daemon import start_process
 from services.crigw.gateway import Gateway
 from services.crigw.server import build_server
+from services.crigw.streaming import start_streaming_server
 
 
 def main(argv: list[str] | None = None) -> None:
     config, log = start_process("crigw", argv)
     gateway = Gateway(config)
     server = build_server(gateway)
+    streaming = start_streaming_server(gateway)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    log.info("serving CRI", extra={"socket": config.pyrio.socket, "config": config.source})
+    log.info("serving CRI", extra={"socket": config.pyrio.socket, "streaming": streaming.base_url, "config": config.source})
     stopping.wait()
+    streaming.stop()
     server.stop(grace=2).wait()
     gateway.close()
     log.info("stopped")

@@ -1,0 +1,212 @@
+"""Exec: run `<runtime> --root <root> exec` for one streaming session.
+
+The streaming server runs the runtime itself (the stream's lifetime is the
+HTTP connection's). Without a TTY the runtime hands our pipes straight to
+the process, so stdin EOF and output reach it unchanged. With a TTY we give
+the runtime a pty of ours as its terminal: it puts it in raw mode, copies
+between it and the container's console, and on SIGWINCH copies our size to
+the container's console; so a resize is TIOCSWINSZ on our pty plus SIGWINCH.
+When the client goes away the process (and whatever it started) is killed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import termios
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from services.crigw.streaming.remotecommand import RemoteStreams
+
+log = logging.getLogger("pyrio.crigw.streaming.exec")
+
+# After the process exits, output still in the pipe is read until the pipe is
+# quiet this long (a background child may hold it open forever).
+DRAIN_QUIET_SECONDS = 0.2
+# How long a TTY exec waits for the client's first terminal size before
+# starting the process, so the command sees the right size from its start.
+FIRST_SIZE_WAIT_SECONDS = 0.3
+
+
+def set_window_size(fd: int, width: int, height: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (they may be in the container's pid namespace)."""
+    try:
+        root = psutil.Process(pid)
+        victims = root.children(recursive=True) + [root]
+    except psutil.Error:
+        return
+    for process in victims:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+
+
+def _pump_to_stream(fd: int, stream: Any, exited: threading.Event) -> None:
+    """Copy fd to a client stream until EOF, or until quiet after the process exited."""
+    quiet_since: float | None = None
+    while True:
+        readable, _, _ = select.select([fd], [], [], 0.1)
+        if not readable:
+            if exited.is_set():
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since >= DRAIN_QUIET_SECONDS:
+                    return
+            continue
+        quiet_since = None
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the pty's other side is closed
+            return
+        if not chunk:
+            return
+        try:
+            stream.write(chunk)
+        except OSError:
+            return
+
+
+def _pump_from_stream(stream: Any, fd: int, close_at_eof: bool) -> None:
+    try:
+        while chunk := stream.read():
+            os.write(fd, chunk)
+    except OSError:
+        pass
+    finally:
+        if close_at_eof:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class ExecSession:
+    def __init__(self, exec_info: dict[str, Any], cmd: list[str], pid_dir: Path) -> None:
+        self.runtime_path = str(exec_info["runtime_path"])
+        self.runtime_root = str(exec_info["runtime_root"])
+        self.runtime_id = str(exec_info["runtime_id"])
+        self.cmd = cmd
+        self.pid_file = pid_dir / f"exec-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.pid"
+
+    def _argv(self, tty: bool) -> list[str]:
+        argv = [self.runtime_path, "--root", self.runtime_root, "exec", "--pid-file", str(self.pid_file)]
+        if tty:
+            argv.append("--tty")
+        return argv + [self.runtime_id, *self.cmd]
+
+    def run(self, streams: RemoteStreams, cancelled: threading.Event) -> int:
+        """Run to completion; the exit code. Kills the process if `cancelled` is set first."""
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if streams.tty:
+                return self._run_tty(streams, cancelled)
+            return self._run_pipes(streams, cancelled)
+        finally:
+            self.pid_file.unlink(missing_ok=True)
+
+    def _wait(self, process: subprocess.Popen, cancelled: threading.Event) -> int:
+        while process.poll() is None:
+            if cancelled.wait(0.05):
+                self.kill(process)
+                break
+        return process.wait()
+
+    def kill(self, process: subprocess.Popen) -> None:
+        try:
+            exec_pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            exec_pid = 0
+        if exec_pid:
+            kill_process_tree(exec_pid)
+        # The runtime exits once its child is gone; make sure of it.
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            kill_process_tree(process.pid)
+
+    def _run_pipes(self, streams: RemoteStreams, cancelled: threading.Event) -> int:
+        pipe = subprocess.PIPE
+        process = subprocess.Popen(
+            self._argv(tty=False),
+            stdin=pipe if streams.stdin else subprocess.DEVNULL,
+            stdout=pipe if streams.stdout else subprocess.DEVNULL,
+            stderr=pipe if streams.stderr else subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        exited = threading.Event()
+        if streams.stdin is not None and process.stdin is not None:
+            # Our own descriptor, closed by the pump at the client's EOF.
+            stdin_fd = os.dup(process.stdin.fileno())
+            process.stdin.close()
+            threading.Thread(target=_pump_from_stream, args=(streams.stdin, stdin_fd, True), daemon=True).start()
+        outputs = [(streams.stdout, process.stdout), (streams.stderr, process.stderr)]
+        pumps = [
+            threading.Thread(target=_pump_to_stream, args=(source.fileno(), stream, exited), daemon=True)
+            for stream, source in outputs
+            if stream is not None and source is not None
+        ]
+        for pump in pumps:
+            pump.start()
+        code = self._wait(process, cancelled)
+        exited.set()
+        for pump in pumps:
+            pump.join()
+        for _, source in outputs:
+            if source is not None:
+                source.close()
+        return code
+
+    def _run_tty(self, streams: RemoteStreams, cancelled: threading.Event) -> int:
+        master, slave = pty.openpty()
+        process: subprocess.Popen | None = None
+        started = threading.Event()
+        sizes = streams.resizes()
+
+        def apply_resizes() -> None:
+            for width, height in sizes:
+                try:
+                    set_window_size(master, width, height)
+                except OSError:
+                    return
+                if process is not None and process.poll() is None:
+                    os.kill(process.pid, signal.SIGWINCH)
+                started.set()
+
+        resizer = threading.Thread(target=apply_resizes, daemon=True)
+        resizer.start()
+        if streams.resize is not None:
+            started.wait(FIRST_SIZE_WAIT_SECONDS)
+        try:
+            process = subprocess.Popen(self._argv(tty=True), stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        finally:
+            os.close(slave)
+        exited = threading.Event()
+        if streams.stdin is not None:
+            threading.Thread(target=_pump_from_stream, args=(streams.stdin, master, False), daemon=True).start()
+        output = None
+        if streams.stdout is not None:
+            output = threading.Thread(target=_pump_to_stream, args=(master, streams.stdout, exited), daemon=True)
+            output.start()
+        try:
+            code = self._wait(process, cancelled)
+            exited.set()
+            if output is not None:
+                output.join()
+        finally:
+            os.close(master)
+        return code

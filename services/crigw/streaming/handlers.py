@@ -1,0 +1,84 @@
+"""CRI Exec, Attach and PortForward: validate, check the target, hand out a streaming URL."""
+
+from __future__ import annotations
+
+from cri_api.v1 import api_pb2
+
+from common.errors import InvalidArgument, Unavailable
+from services.crigw.gateway import Gateway
+from services.crigw.handlers import cri_handler
+from services.crigw.streaming.backends import GatewayBackend
+from services.crigw.streaming.server import StreamingServer
+
+_server: StreamingServer | None = None
+_backend: GatewayBackend | None = None
+
+
+def start_streaming_server(gateway: Gateway) -> StreamingServer:
+    """Start the streaming server crigw hands URLs out for (one per process)."""
+    global _server, _backend
+    _backend = GatewayBackend(gateway)
+    _server = StreamingServer(gateway.config.streaming, _backend).start()
+    return _server
+
+
+def _running() -> tuple[StreamingServer, GatewayBackend]:
+    if _server is None or _backend is None:
+        raise Unavailable("the streaming server is not running")
+    return _server, _backend
+
+
+def _validate_stdio(container_id: str, tty: bool, stdin: bool, stdout: bool, stderr: bool) -> None:
+    # The same checks, in the same words, as the kubelet's streaming server.
+    if not container_id:
+        raise InvalidArgument("missing required container_id")
+    if tty and stderr:
+        raise InvalidArgument("tty and stderr cannot both be true")
+    if not (stdin or stdout or stderr):
+        raise InvalidArgument("one of stdin, stdout, or stderr must be set")
+
+
+@cri_handler("Exec")
+def exec_(gateway: Gateway, request: api_pb2.ExecRequest) -> api_pb2.ExecResponse:
+    server, backend = _running()
+    _validate_stdio(request.container_id, request.tty, request.stdin, request.stdout, request.stderr)
+    if not request.cmd:
+        raise InvalidArgument("cmd must name the command to run")
+    backend.exec_info(request.container_id)
+    stored = {
+        "container_id": request.container_id,
+        "cmd": list(request.cmd),
+        "tty": request.tty,
+        "stdin": request.stdin,
+        "stdout": request.stdout,
+        "stderr": request.stderr,
+    }
+    return api_pb2.ExecResponse(url=server.url_for("exec", stored))
+
+
+@cri_handler("Attach")
+def attach(gateway: Gateway, request: api_pb2.AttachRequest) -> api_pb2.AttachResponse:
+    server, backend = _running()
+    _validate_stdio(request.container_id, request.tty, request.stdin, request.stdout, request.stderr)
+    backend.attach_info(request.container_id)
+    stored = {
+        "container_id": request.container_id,
+        "tty": request.tty,
+        "stdin": request.stdin,
+        "stdout": request.stdout,
+        "stderr": request.stderr,
+    }
+    return api_pb2.AttachResponse(url=server.url_for("attach", stored))
+
+
+@cri_handler("PortForward")
+def port_forward(gateway: Gateway, request: api_pb2.PortForwardRequest) -> api_pb2.PortForwardResponse:
+    server, backend = _running()
+    if not request.pod_sandbox_id:
+        raise InvalidArgument("missing required pod_sandbox_id")
+    for port in request.port:
+        if not 0 < port < 65536:
+            raise InvalidArgument(f"port {port} is not between 1 and 65535")
+    backend.port_dialer({"pod_sandbox_id": request.pod_sandbox_id})
+    stored = {"pod_sandbox_id": request.pod_sandbox_id, "port": list(request.port)}
+    return api_pb2.PortForwardResponse(url=server.url_for("portforward", stored))

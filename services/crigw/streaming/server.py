@@ -1,0 +1,484 @@
+"""The streaming HTTP server crigw runs for Exec, Attach and PortForward.
+
+Like the kubelet's streaming server: the CRI call stores the request under a
+random single-use token and answers `<base>/{exec,attach,portforward}/<token>`;
+the client then upgrades that URL to SPDY/3.1 or WebSocket. A token is
+consumed by its first use, only works on the kind of URL it was made for,
+and expires after `streaming.token_ttl`; anything else is a 404 and never a
+stream. At most `max_concurrent_streams` sessions run at once (429 past
+that), and a session with no traffic for `stream_idle_timeout` is closed.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from common.config import StreamingSection
+from common.errors import PyrioError, ResourceExhausted
+from services.crigw.streaming import portforward, remotecommand, websocket
+from services.crigw.streaming.portforward import Dialer
+from services.crigw.streaming.remotecommand import RemoteStreams, StreamOptions
+from services.crigw.streaming.spdy import SpdyConnection
+
+log = logging.getLogger("pyrio.crigw.streaming")
+
+KINDS = ("exec", "attach", "portforward")
+# As the kubelet: at most this many URLs handed out and not yet used.
+MAX_IN_FLIGHT = 1000
+# How long a client has, after the upgrade, to open the streams it asked for.
+STREAM_CREATION_TIMEOUT = 30.0
+REQUEST_READ_TIMEOUT = 30.0
+MAX_HEADER_BYTES = 64 * 1024
+SPDY_UPGRADE = "spdy/3.1"
+# The kubelet's words for a session that failed for another reason than the command's exit code.
+FAILURE_PREFIX = {"exec": "error executing command in container", "attach": "error attaching to container"}
+
+
+class SessionBackend(Protocol):
+    """What a session needs from the rest of pyrio (implemented over RPC in backends.py)."""
+
+    def exec(self, request: dict[str, Any], streams: RemoteStreams, cancelled: threading.Event) -> dict[str, Any]: ...
+
+    def attach(self, request: dict[str, Any], streams: RemoteStreams, cancelled: threading.Event) -> dict[str, Any]: ...
+
+    def port_dialer(self, request: dict[str, Any]) -> Dialer: ...
+
+
+class RequestCache:
+    """Single-use tokens for stored requests, expiring after `ttl` seconds."""
+
+    def __init__(self, ttl: float, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.ttl = ttl
+        self.max_in_flight = max_in_flight
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[float, str, dict[str, Any]]] = OrderedDict()
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            token, (expires, _, _) = next(iter(self._entries.items()))
+            if expires > now:
+                break
+            del self._entries[token]
+
+    def insert(self, kind: str, request: dict[str, Any]) -> str:
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            if len(self._entries) >= self.max_in_flight:
+                raise ResourceExhausted(
+                    f"too many streaming requests in flight ({self.max_in_flight}); retry after some are used or expire"
+                )
+            token = base64.urlsafe_b64encode(secrets.token_bytes(18)).decode().rstrip("=")
+            self._entries[token] = (now + self.ttl, kind, request)
+            return token
+
+    def consume(self, token: str, kind: str) -> dict[str, Any] | None:
+        """The request stored for this token and kind, at most once; None otherwise."""
+        with self._lock:
+            self._expire(time.monotonic())
+            entry = self._entries.pop(token, None)
+        if entry is None or entry[1] != kind:
+            return None
+        return entry[2]
+
+
+@dataclass
+class HttpRequest:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, list[str]]
+
+    def header(self, name: str) -> str:
+        values = self.headers.get(name.lower())
+        return values[0] if values else ""
+
+    def header_values(self, name: str) -> list[str]:
+        return [part.strip() for value in self.headers.get(name.lower(), []) for part in value.split(",") if part.strip()]
+
+    def is_upgrade(self, protocol: str) -> bool:
+        connection = ",".join(self.headers.get("connection", [])).lower()
+        return "upgrade" in connection and self.header("upgrade").lower() == protocol
+
+
+def read_http_request(reader: BinaryIO) -> HttpRequest | None:
+    request_line = reader.readline(MAX_HEADER_BYTES)
+    if not request_line:
+        return None
+    parts = request_line.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError("malformed request line")
+    headers: dict[str, list[str]] = {}
+    total = len(request_line)
+    while True:
+        line = reader.readline(MAX_HEADER_BYTES)
+        total += len(line)
+        if total > MAX_HEADER_BYTES:
+            raise ValueError("request headers too large")
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    target = urlsplit(parts[1])
+    return HttpRequest(method=parts[0], path=target.path, query=parse_qs(target.query), headers=headers)
+
+
+def http_response(status: int, reason: str, headers: list[tuple[str, str]] | None = None, body: str = "") -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    all_headers = list(headers or [])
+    if status != 101:
+        all_headers += [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Content-Length", str(len(body.encode()))),
+            ("Connection", "close"),
+        ]
+    lines += [f"{name}: {value}" for name, value in all_headers]
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+class StreamingServer:
+    def __init__(self, config: StreamingSection, backend: SessionBackend) -> None:
+        self.config = config
+        self.backend = backend
+        self.cache = RequestCache(config.token_ttl)
+        self._listener: socket.socket | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._stopping = threading.Event()
+        self._sessions_lock = threading.Lock()
+        self._sessions: set[Any] = set()
+        self.port = 0
+
+    # --- lifecycle -------------------------------------------------------
+
+    def start(self) -> "StreamingServer":
+        address = self.config.address
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((address, self.config.port))
+        listener.listen(128)
+        self.port = listener.getsockname()[1]
+        if self.config.tls_cert_file:
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._tls.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file or None)
+        self._listener = listener
+        threading.Thread(target=self._accept_loop, name="streaming-accept", daemon=True).start()
+        threading.Thread(target=self._idle_reaper, name="streaming-idle", daemon=True).start()
+        log.info("streaming server listening", extra={"url": self.base_url})
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        for connection in sessions:
+            _shutdown_socket(connection.sock)
+
+    @property
+    def base_url(self) -> str:
+        scheme = "https" if self._tls else "http"
+        host = self.config.address
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.port}"
+
+    def url_for(self, kind: str, request: dict[str, Any]) -> str:
+        return f"{self.base_url}/{kind}/{self.cache.insert(kind, request)}"
+
+    # --- connections -----------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            threading.Thread(target=self._serve_connection, args=(sock,), name="streaming-conn", daemon=True).start()
+
+    def _idle_reaper(self) -> None:
+        while not self._stopping.wait(1.0):
+            limit = self.config.stream_idle_timeout
+            now = time.monotonic()
+            with self._sessions_lock:
+                idle = [conn for conn in self._sessions if now - conn.last_activity > limit]
+            for connection in idle:
+                log.info("closing idle stream connection", extra={"idle_seconds": round(now - connection.last_activity)})
+                _shutdown_socket(connection.sock)
+
+    def _serve_connection(self, sock: socket.socket) -> None:
+        try:
+            sock.settimeout(REQUEST_READ_TIMEOUT)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_side=True)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reader = sock.makefile("rb")
+            try:
+                request = read_http_request(reader)
+            except (ValueError, OSError):
+                sock.sendall(http_response(400, "Bad Request", body="malformed HTTP request\n"))
+                return
+            if request is None:
+                return
+            sock.settimeout(None)
+            self._route(sock, reader, request)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("stream connection ended: %s", exc)
+        except Exception:
+            log.exception("streaming connection failed")
+        finally:
+            _shutdown_socket(sock)
+            sock.close()
+
+    def _route(self, sock: socket.socket, reader: BinaryIO, request: HttpRequest) -> None:
+        parts = request.path.strip("/").split("/")
+        if request.method not in ("GET", "POST") or len(parts) != 2 or parts[0] not in KINDS:
+            sock.sendall(http_response(404, "Not Found", body="404 page not found\n"))
+            return
+        kind, token = parts
+        if self._active_sessions() >= self.config.max_concurrent_streams:
+            sock.sendall(
+                http_response(429, "Too Many Requests", [("Retry-After", "1")], body="too many concurrent streams\n")
+            )
+            return
+        stored = self.cache.consume(token, kind)
+        if stored is None:
+            sock.sendall(http_response(404, "Not Found", body="404 page not found\n"))
+            return
+        if request.is_upgrade("websocket"):
+            if kind == "portforward":
+                self._websocket_port_forward(sock, reader, request, stored)
+            else:
+                self._websocket_remote_command(sock, reader, request, kind, stored)
+        elif request.is_upgrade(SPDY_UPGRADE):
+            if kind == "portforward":
+                self._spdy_port_forward(sock, reader, request, stored)
+            else:
+                self._spdy_remote_command(sock, reader, request, kind, stored)
+        else:
+            sock.sendall(http_response(400, "Bad Request", body="unable to upgrade: missing upgrade headers in request\n"))
+
+    def _active_sessions(self) -> int:
+        with self._sessions_lock:
+            return len(self._sessions)
+
+    def _run_session(self, connection: Any) -> threading.Thread:
+        with self._sessions_lock:
+            self._sessions.add(connection)
+        thread = threading.Thread(target=connection.serve, name="streaming-read", daemon=True)
+        thread.start()
+        return thread
+
+    def _end_session(self, connection: Any) -> None:
+        connection.close()
+        with self._sessions_lock:
+            self._sessions.discard(connection)
+
+    # --- SPDY ------------------------------------------------------------
+
+    def _spdy_handshake(self, sock: socket.socket, request: HttpRequest, supported: tuple[str, ...]) -> str | None:
+        offered = request.header_values("X-Stream-Protocol-Version")
+        if not offered:
+            sock.sendall(
+                http_response(400, "Bad Request", body="unable to upgrade: X-Stream-Protocol-Version is required\n")
+            )
+            return None
+        chosen = next((protocol for protocol in offered if protocol in supported), None)
+        if chosen is None:
+            accepted = [("X-Accepted-Stream-Protocol-Versions", protocol) for protocol in supported]
+            body = f"unable to upgrade: unable to negotiate protocol: client supports {offered}, server accepts {list(supported)}\n"
+            sock.sendall(http_response(403, "Forbidden", accepted, body=body))
+            return None
+        sock.sendall(
+            http_response(
+                101,
+                "Switching Protocols",
+                [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version", chosen)],
+            )
+        )
+        return chosen
+
+    def _spdy_remote_command(self, sock: socket.socket, reader: BinaryIO, request: HttpRequest, kind: str, stored: dict) -> None:
+        protocol = self._spdy_handshake(sock, request, remotecommand.SPDY_PROTOCOLS)
+        if protocol is None:
+            return
+        options = _stream_options(stored)
+        collector = remotecommand.SpdyStreamCollector(options, remotecommand.PROTOCOL_NUMBER[protocol])
+        connection = SpdyConnection(sock, reader, collector.on_stream)
+        self._run_session(connection)
+        try:
+            try:
+                streams = collector.wait(STREAM_CREATION_TIMEOUT, connection.closed)
+            except TimeoutError as exc:
+                log.info("%s session ended: %s", kind, exc)
+                return
+            self._run_remote_command(kind, stored, streams, connection.closed)
+        finally:
+            self._end_session(connection)
+
+    def _spdy_port_forward(self, sock: socket.socket, reader: BinaryIO, request: HttpRequest, stored: dict) -> None:
+        if self._spdy_handshake(sock, request, (portforward.PROTOCOL,)) is None:
+            return
+        try:
+            dialer = self.backend.port_dialer(stored)
+        except PyrioError as exc:
+            dialer = _failing_dialer(str(exc))
+        forward = portforward.SpdyPortForward(dialer, stored.get("pod_sandbox_id", ""), STREAM_CREATION_TIMEOUT)
+        connection = SpdyConnection(sock, reader, forward.on_stream)
+        self._run_session(connection)
+        try:
+            while not connection.closed.wait(1.0):
+                forward.expire_incomplete()
+        finally:
+            self._end_session(connection)
+
+    # --- WebSocket ---------------------------------------------------------
+
+    def _websocket_handshake(self, sock: socket.socket, request: HttpRequest, supported: tuple[str, ...]) -> str | None:
+        key = request.header("Sec-WebSocket-Key")
+        if not key or request.header("Sec-WebSocket-Version") != "13":
+            sock.sendall(
+                http_response(400, "Bad Request", [("Sec-WebSocket-Version", "13")], body="unsupported WebSocket handshake\n")
+            )
+            return None
+        offered = websocket.offered_protocols(",".join(request.headers.get("sec-websocket-protocol", [])))
+        chosen = websocket.choose_protocol(offered, supported)
+        if chosen is None:
+            body = f"requested protocol(s) are not supported: {offered}; supports {list(supported)}\n"
+            sock.sendall(http_response(400, "Bad Request", body=body))
+            return None
+        headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", websocket.accept_key(key))]
+        if chosen:
+            headers.append(("Sec-WebSocket-Protocol", chosen))
+        sock.sendall(http_response(101, "Switching Protocols", headers))
+        return chosen
+
+    def _websocket_remote_command(
+        self, sock: socket.socket, reader: BinaryIO, request: HttpRequest, kind: str, stored: dict
+    ) -> None:
+        supported = websocket.BINARY_PROTOCOLS + websocket.BASE64_PROTOCOLS
+        protocol = self._websocket_handshake(sock, request, supported)
+        if protocol is None:
+            return
+        options = _stream_options(stored)
+        channels = [(options.stdin, False), (False, options.stdout), (False, options.stderr), (False, True), (True, False)]
+        connection = websocket.ChannelConnection(sock, reader, protocol, channels)
+        stdin, stdout, stderr, error, resize = connection.channels
+        version = 5 if protocol.startswith("v5.") else 4 if protocol.startswith("v4.") else 1
+        streams = RemoteStreams(
+            version=version,
+            tty=options.tty,
+            stdin=stdin if options.stdin else None,
+            stdout=stdout if options.stdout else None,
+            stderr=stderr if options.stderr else None,
+            error=error,
+            resize=resize if options.tty else None,
+        )
+        self._run_session(connection)
+        try:
+            # As the kubelet: an empty message on the lowest writable channel
+            # tells the client the session is established.
+            (streams.stdout or streams.stderr or error).write(b"")
+            self._run_remote_command(kind, stored, streams, connection.closed)
+        finally:
+            self._end_session(connection)
+
+    def _websocket_port_forward(self, sock: socket.socket, reader: BinaryIO, request: HttpRequest, stored: dict) -> None:
+        ports = [int(port) for port in stored.get("port", [])]
+        if not ports:
+            try:
+                ports = [portforward.parse_port(p) for value in request.query.get("port", []) for p in value.split(",")]
+            except ValueError as exc:
+                sock.sendall(http_response(400, "Bad Request", body=f"{exc}\n"))
+                return
+        if not ports:
+            sock.sendall(http_response(400, "Bad Request", body='query parameter "port" is required\n'))
+            return
+        protocol = self._websocket_handshake(sock, request, ("", "v4.channel.k8s.io", "v4.base64.channel.k8s.io"))
+        if protocol is None:
+            return
+        connection = websocket.ChannelConnection(sock, reader, protocol, [(True, True), (False, True)] * len(ports))
+        try:
+            dialer = self.backend.port_dialer(stored)
+        except PyrioError as exc:
+            dialer = _failing_dialer(str(exc))
+        self._run_session(connection)
+        try:
+            relays = []
+            for index, port in enumerate(ports):
+                data, error = connection.channels[2 * index], connection.channels[2 * index + 1]
+                prefix = portforward.websocket_port_prefix(port)
+                data.write(prefix)
+                error.write(prefix)
+                relay = threading.Thread(
+                    target=portforward.relay,
+                    args=(data, error, port, dialer, stored.get("pod_sandbox_id", "")),
+                    daemon=True,
+                )
+                relay.start()
+                relays.append(relay)
+            for relay in relays:
+                while relay.is_alive() and not connection.closed.is_set():
+                    relay.join(0.5)
+        finally:
+            self._end_session(connection)
+
+    # --- exec / attach ---------------------------------------------------
+
+    def _run_remote_command(self, kind: str, stored: dict, streams: RemoteStreams, cancelled: threading.Event) -> None:
+        try:
+            if kind == "exec":
+                status = self.backend.exec(stored, streams, cancelled)
+            else:
+                status = self.backend.attach(stored, streams, cancelled)
+        except PyrioError as exc:
+            status = remotecommand.status_internal_error(f"{FAILURE_PREFIX[kind]}: {exc}")
+        except Exception as exc:
+            log.exception("%s session failed", kind)
+            status = remotecommand.status_internal_error(f"{FAILURE_PREFIX[kind]}: {exc}")
+        if cancelled.is_set():
+            return
+        streams.close_outputs()
+        streams.write_status(status)
+
+
+def _stream_options(stored: dict[str, Any]) -> StreamOptions:
+    return StreamOptions(
+        stdin=bool(stored.get("stdin")),
+        stdout=bool(stored.get("stdout")),
+        stderr=bool(stored.get("stderr")),
+        tty=bool(stored.get("tty")),
+    )
+
+
+def _failing_dialer(message: str) -> Dialer:
+    def dial(port: int) -> socket.socket:
+        raise OSError(message)
+
+    return dial
+
+
+def _shutdown_socket(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
