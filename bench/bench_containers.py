@@ -1,0 +1,148 @@
+"""Containers: end-to-end pod start, ExecSync latency, and memory.
+
+- pod start = RunPodSandbox + CreateContainer + StartContainer, through the
+  gateway socket: median and p95 over 30 pods one after the other, then 20
+  pods at once (wall time and each pod's latency);
+- ExecSync of `true` in a running container: median and p95 over 50 calls;
+- memory: PSS (from /proc/PID/smaps_rollup) of each service idle, and of
+  every shim with 20 containers running (mean and max), plus the zygote.
+
+On a private stack with a private test registry holding the busybox image.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from cri_api.v1 import api_pb2
+
+from tests.fixtures_images import start_registry
+from tests.fixtures_pods import pod_config
+from tests.harness import SERVICES, Stack
+from tests.oci_images import push_busybox
+
+SEQUENTIAL_PODS = 30
+CONCURRENT_PODS = 20
+EXEC_CALLS = 50
+
+
+def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    value = call()
+    return (time.perf_counter() - started) * 1000, value
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, round(0.95 * len(ordered)) - 1)]
+
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        for line in handle:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(item) for item in handle.read().split()]
+    except OSError:
+        return []
+
+
+def run() -> dict[str, float | str]:
+    workdir = Path(tempfile.mkdtemp(prefix="pyrio-bench-registry-"))
+    registry = start_registry(workdir, workdir / "storage", "bench")
+    stack = Stack()
+    try:
+        image = push_busybox(registry, "bench/busybox", "latest").reference
+        stack.start()
+        runtime = stack.runtime
+        stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
+        log_dir = stack.root / "pod-logs"
+
+        def start_pod(index: int) -> tuple[float, tuple[str, str]]:
+            def steps() -> tuple[str, str]:
+                config = pod_config(log_directory=str(log_dir / str(index)))
+                sandbox_id = runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config), timeout=120).pod_sandbox_id
+                container = api_pb2.ContainerConfig(
+                    metadata=api_pb2.ContainerMetadata(name="main"),
+                    image=api_pb2.ImageSpec(image=image),
+                    command=["sleep", "3600"],
+                    log_path="main.log",
+                )
+                container.linux.security_context.namespace_options.pid = api_pb2.CONTAINER
+                container_id = runtime.CreateContainer(
+                    api_pb2.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=container, sandbox_config=config), timeout=120
+                ).container_id
+                runtime.StartContainer(api_pb2.StartContainerRequest(container_id=container_id), timeout=60)
+                return sandbox_id, container_id
+
+            return _timed(steps)
+
+        def remove_pod(sandbox_id: str) -> None:
+            runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120)
+            runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120)
+
+        idle_pss = {service: pss_kib(stack.service_pid(service)) for service in SERVICES}
+        sequential = []
+        for index in range(SEQUENTIAL_PODS):
+            elapsed, (sandbox_id, _) = start_pod(index)
+            sequential.append(elapsed)
+            remove_pod(sandbox_id)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(CONCURRENT_PODS) as pool:
+            concurrent = list(pool.map(start_pod, range(100, 100 + CONCURRENT_PODS)))
+        wall = (time.perf_counter() - started) * 1000
+
+        exec_target = concurrent[0][1][1]
+        exec_times = [
+            _timed(lambda: runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=exec_target, cmd=["true"], timeout=10), timeout=60))[0]
+            for _ in range(EXEC_CALLS)
+        ]
+
+        time.sleep(2)  # let the shims settle into their idle loop
+        shim_pids = []
+        for _, (_, container_id) in concurrent:
+            status = runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=container_id, verbose=True), timeout=20)
+            shim_pids.append(json.loads(status.info["info"])["shim_pid"])
+        shim_pss = [pss_kib(pid) for pid in shim_pids]
+        shimd_pid = stack.service_pid("shimd")
+        zygotes = children_of(shimd_pid)
+        busy_pss = {service: pss_kib(stack.service_pid(service)) for service in SERVICES}
+
+        with ThreadPoolExecutor(CONCURRENT_PODS) as pool:
+            list(pool.map(lambda item: remove_pod(item[1][0]), concurrent))
+
+        figures: dict[str, float | str] = {
+            f"pod_start_median_ms ({SEQUENTIAL_PODS} pods)": round(statistics.median(sequential), 1),
+            f"pod_start_p95_ms ({SEQUENTIAL_PODS} pods)": round(_p95(sequential), 1),
+            f"concurrent_pod_start_wall_ms ({CONCURRENT_PODS} pods)": round(wall, 1),
+            f"concurrent_pod_start_median_ms ({CONCURRENT_PODS} pods)": round(statistics.median([e for e, _ in concurrent]), 1),
+            f"concurrent_pod_start_p95_ms ({CONCURRENT_PODS} pods)": round(_p95([e for e, _ in concurrent]), 1),
+            f"exec_sync_median_ms ({EXEC_CALLS} calls)": round(statistics.median(exec_times), 1),
+            f"exec_sync_p95_ms ({EXEC_CALLS} calls)": round(_p95(exec_times), 1),
+            f"shim_pss_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_pss), 1),
+            f"shim_pss_max_kib ({CONCURRENT_PODS} containers)": max(shim_pss),
+        }
+        for service in SERVICES:
+            figures[f"{service}_pss_idle_kib"] = idle_pss[service]
+            figures[f"{service}_pss_kib (with {CONCURRENT_PODS} containers)"] = busy_pss[service]
+        if zygotes:
+            figures["shim_zygote_pss_kib"] = pss_kib(zygotes[0])
+        return figures
+    finally:
+        stack.stop()
+        registry.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
