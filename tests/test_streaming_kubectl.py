@@ -1,0 +1,235 @@
+"""kubectl itself (Go client-go, spdystream, gorilla websocket) against the streaming server.
+
+A tiny stand-in API server on 127.0.0.1 answers kubectl's discovery and pod
+GETs and, for `pods/<name>/exec|attach|portforward`, does what the kubelet
+does: it asks for a streaming URL for the request's parameters and proxies
+the upgraded connection to it byte for byte. So the bytes on the streaming
+server's socket are exactly what kubectl sends: any framing mismatch with the
+real Kubernetes client libraries fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from tests.fixtures_streaming import LocalStreaming
+from tests.harness import wait_until
+
+KUBECTL = shutil.which("kubectl")
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
+
+POD = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": "target", "namespace": "default", "uid": "0b7c5f7e-0000-4000-8000-000000000001"},
+    "spec": {"containers": [{"name": "main", "image": "busybox"}]},
+    "status": {"phase": "Running"},
+}
+DISCOVERY = {
+    "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
+    "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": []},
+    "/api/v1": {
+        "kind": "APIResourceList",
+        "groupVersion": "v1",
+        "resources": [
+            {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod", "verbs": ["get", "list"], "shortNames": ["po"]},
+            {"name": "pods/exec", "singularName": "", "namespaced": True, "kind": "PodExecOptions", "verbs": ["create", "get"]},
+            {"name": "pods/attach", "singularName": "", "namespaced": True, "kind": "PodAttachOptions", "verbs": ["create", "get"]},
+            {"name": "pods/portforward", "singularName": "", "namespaced": True, "kind": "PodPortForwardOptions", "verbs": ["create", "get"]},
+        ],
+    },
+    "/api/v1/namespaces/default/pods/target": POD,
+}
+
+
+def _truthy(query: dict[str, list[str]], name: str) -> bool:
+    return query.get(name, ["false"])[0] in ("true", "1")
+
+
+class StandInApiServer:
+    def __init__(self, streaming: LocalStreaming) -> None:
+        self.streaming = streaming
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.upgrades: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            head, _, rest = head.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            parts = urlsplit(target)
+            kind = parts.path.rsplit("/", 1)[-1]
+            if kind in ("exec", "attach", "portforward") and parts.path.startswith("/api/v1/namespaces/default/pods/target/"):
+                self._proxy(conn, kind, parse_qs(parts.query), lines[1:], rest)
+                return
+            body = DISCOVERY.get(parts.path)
+            if body is None:
+                payload = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}).encode()
+                status = "404 Not Found"
+            else:
+                payload, status = json.dumps(body).encode(), "200 OK"
+            conn.sendall(
+                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                f"Connection: close\r\n\r\n".encode()
+                + payload
+            )
+
+    def _proxy(self, conn: socket.socket, kind: str, query: dict[str, list[str]], headers: list[str], rest: bytes) -> None:
+        """As the kubelet: get a URL for the request, then relay the upgrade to it."""
+        if kind == "portforward":
+            stored: dict[str, Any] = {"pod_sandbox_id": "local", "port": [int(p) for p in query.get("ports", [])]}
+        else:
+            stored = {
+                "container_id": self.streaming.target.container_id,
+                "cmd": query.get("command", []),
+                **{name: _truthy(query, name) for name in ("stdin", "stdout", "stderr", "tty")},
+            }
+        url = urlsplit(self.streaming.server.url_for(kind, stored))
+        upgrade = [h for h in headers if h.lower().startswith(("upgrade:", "sec-websocket-protocol:", "x-stream-protocol-version:"))]
+        self.upgrades.append(" | ".join(upgrade))
+        upstream = socket.create_connection((url.hostname, url.port))
+        upstream.sendall(f"GET {url.path} HTTP/1.1\r\n".encode() + "\r\n".join(headers).encode() + b"\r\n\r\n" + rest)
+
+        def pipe(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while chunk := source.recv(65536):
+                    sink.sendall(chunk)
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        back = threading.Thread(target=pipe, args=(upstream, conn), daemon=True)
+        back.start()
+        pipe(conn, upstream)
+        back.join(60)
+        upstream.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def apiserver(local_streaming: LocalStreaming) -> Iterator[StandInApiServer]:
+    server = StandInApiServer(local_streaming)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def kubectl_env() -> Iterator[dict[str, str]]:
+    home = Path(tempfile.mkdtemp(prefix="pyrio-kubectl-"))
+    (home / "config").write_text("")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KUBE")}
+    env.update(HOME=str(home), KUBECONFIG=str(home / "config"))
+    try:
+        yield env
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def kubectl(apiserver: StandInApiServer, env: dict[str, str], *args: str, stdin: bytes | None = None, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [KUBECTL, f"--server={apiserver.url}", "--cache-dir", str(Path(env["HOME"]) / "cache"), "-n", "default", *args],
+        input=stdin,
+        capture_output=True,
+        env={**env, **(extra_env or {})},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_kubectl_exec(apiserver: StandInApiServer, kubectl_env: dict[str, str], transport: str) -> None:
+    use_websocket = {"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "true" if transport == "websocket" else "false"}
+    done = kubectl(apiserver, kubectl_env, "exec", "target", "--", "echo", "hello kubectl", extra_env=use_websocket)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"hello kubectl\n"
+    expected = "SPDY/3.1" if transport == "spdy" else "websocket"
+    assert expected.lower() in apiserver.upgrades[-1].lower()
+
+    done = kubectl(apiserver, kubectl_env, "exec", "-i", "target", "--", "sh", "-c", "cat; exit 3", stdin=b"from kubectl stdin\n", extra_env=use_websocket)
+    assert done.stdout == b"from kubectl stdin\n"
+    assert done.returncode == 3, done.stderr
+    assert b"command terminated with exit code 3" in done.stderr
+
+
+def test_kubectl_port_forward(apiserver: StandInApiServer, kubectl_env: dict[str, str], local_streaming: LocalStreaming) -> None:
+    # Two ports, one echoing nc each, used at the same time through one kubectl.
+    for port in (7101, 7102):
+        local_streaming.target.start_detached("sh", "-c", f"while true; do nc -l -p {port} -e cat; done")
+    local_ports = []
+    for _ in range(2):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        local_ports.append(probe.getsockname()[1])
+        probe.close()
+    process = subprocess.Popen(
+        [KUBECTL, f"--server={apiserver.url}", "--cache-dir", str(Path(kubectl_env["HOME"]) / "cache"), "-n", "default",
+         "port-forward", "--address", "127.0.0.1", "pod/target", f"{local_ports[0]}:7101", f"{local_ports[1]}:7102"],
+        env={**kubectl_env, "KUBECTL_PORT_FORWARD_WEBSOCKETS": "false"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        def exchange(local_port: int, payload: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", local_port), timeout=10) as conn:
+                conn.sendall(payload)
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data
+
+        for local_port in local_ports:
+            wait_until(lambda: exchange(local_port, b"ready?\n") == b"ready?\n", 30, what="kubectl port-forward to relay")
+        replies: dict[int, bytes] = {}
+        threads = [
+            threading.Thread(target=lambda n=n: replies.__setitem__(n, exchange(local_ports[n], b"conn %d\n" % n)))
+            for n in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert replies == {0: b"conn 0\n", 1: b"conn 1\n"}
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert "portforward.k8s.io" in apiserver.upgrades[-1]
