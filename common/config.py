@@ -76,6 +76,11 @@ class RuntimeSection:
     shm_size: int = 64 * 1024 * 1024
     # Seconds a shim waits for `runc create` before giving up.
     create_timeout: float = 60.0
+    # Pod sysctls allowed beyond Kubernetes' safe set, like the kubelet's
+    # --allowed-unsafe-sysctls: exact names or prefixes ending in "*"
+    # ("net.core.*"). Only namespaced ones can be allowed (net.*, kernel.shm*,
+    # kernel.msg*, kernel.sem, fs.mqueue.*); a node-wide knob never is.
+    allowed_unsafe_sysctls: list[str] = field(default_factory=list)
     runtimes: dict[str, RuntimeHandler] = field(
         default_factory=lambda: {
             "runc": RuntimeHandler(path="/usr/sbin/runc"),

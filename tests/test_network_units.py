@@ -21,6 +21,16 @@ def test_sysctl_policy() -> None:
         sysctls.validate({"kernel.sem": "1"}, {"net", "ipc"})
     with pytest.raises(InvalidArgument, match="hostIPC"):
         sysctls.validate({"kernel.shm_rmid_forced": "1"}, {"net"})
+    # The operator's allow-list opens namespaced sysctls only.
+    allowed = ["kernel.msg*", "net.core.somaxconn", "vm.*"]
+    assert sysctls.validate({"kernel.msgmax": "9", "net.core.somaxconn": "512"}, {"net", "ipc"}, allowed) == {
+        "kernel.msgmax": "9",
+        "net.core.somaxconn": "512",
+    }
+    with pytest.raises(InvalidArgument, match="not allowed"):
+        sysctls.validate({"vm.swappiness": "1"}, {"net", "ipc"}, allowed)
+    with pytest.raises(InvalidArgument, match="hostNetwork"):
+        sysctls.validate({"net.core.somaxconn": "512"}, {"ipc"}, allowed)
     with pytest.raises(InvalidArgument, match="invalid value"):
         sysctls.validate({"net.ipv4.tcp_syncookies": "1\n0"}, {"net"})
 

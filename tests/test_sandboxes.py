@@ -255,6 +255,19 @@ def test_unsafe_or_unknown_sysctl_refused(stack: Stack, pods: Pods, sysctl: str,
     assert len(stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items) == before
 
 
+def test_sysctl_value_the_kernel_refuses_leaves_nothing(stack: Stack, pods: Pods) -> None:
+    before = len(stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items)
+    allocations = host_local_allocations(stack)
+    error = rpc_error(pods.run, pod_config(sysctls={"net.ipv4.tcp_syncookies": "not-a-number"}))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "net.ipv4.tcp_syncookies" in error.details()
+    listed = {item.id for item in stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items}
+    assert len(listed) == before
+    assert host_local_allocations(stack) == allocations
+    # No pinned namespace outlives the failed run.
+    assert {pin.name for pin in (stack.run_dir / "netns").iterdir()} <= listed
+
+
 # --- records, ids and errors -------------------------------------------------
 
 
@@ -271,6 +284,13 @@ def test_duplicate_metadata_refused_naming_the_holder(stack: Stack, pods: Pods) 
     pods.run(retry)
     pods.remove(first)
     pods.run(config)  # free again once removed
+
+
+def test_metadata_required(stack: Stack, pods: Pods) -> None:
+    config = pod_config()
+    config.metadata.uid = ""
+    error = rpc_error(pods.run, config)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "uid" in error.details()
 
 
 def test_unknown_and_ambiguous_ids(stack: Stack, pods: Pods) -> None:

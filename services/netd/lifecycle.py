@@ -74,7 +74,9 @@ class SandboxManager:
         modes = _namespace_options(config)
         host_network = modes["network"] == "NODE"
         private = {kind for kind, mode in (("net", modes["network"]), ("ipc", modes["ipc"])) if mode == "POD"}
-        pod_sysctls = sysctls.validate((config.get("linux") or {}).get("sysctls") or {}, private)
+        pod_sysctls = sysctls.validate(
+            (config.get("linux") or {}).get("sysctls") or {}, private, self.config.runtime.allowed_unsafe_sysctls
+        )
         port_mappings = config.get("port_mappings") or []
         _validate_port_mappings(port_mappings)
         pod_files.resolv_conf_text(config.get("dns_config"))  # InvalidArgument before anything exists

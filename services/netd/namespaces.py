@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common import mounts
+from common.errors import InvalidArgument
 
 log = logging.getLogger("pyrio.netd.namespaces")
 
@@ -107,8 +108,12 @@ def _bring_loopback_up() -> None:
 def write_sysctl(name: str, value: str) -> None:
     """Write one sysctl of the calling thread's namespaces."""
     path = "/proc/sys/" + name.replace(".", "/")
-    with open(path, "w") as handle:
-        handle.write(value)
+    try:
+        with open(path, "w") as handle:
+            handle.write(value)
+    except OSError as exc:
+        # The kernel's verdict on the name or value (ENOENT, EINVAL).
+        raise InvalidArgument(f"cannot set sysctl {name}={value!r}: {exc.strerror}") from None
 
 
 def _bind_pin(source: str, target: str) -> None:
