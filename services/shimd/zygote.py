@@ -22,13 +22,14 @@ import json
 import os
 import signal
 import socket
-import threading
 from typing import Any
 
 from services.shimd import shim
 
 _zygote: "ZygoteClient | None" = None
-_lock = threading.Lock()
+# threading is imported only in shimd, after the zygote forked: with it
+# loaded, every fork in the zygote would run threading's after-fork hook.
+_lock: Any = None
 
 
 def _serve(sock: socket.socket) -> None:
@@ -75,6 +76,8 @@ def _serve(sock: socket.socket) -> None:
 
 class ZygoteClient:
     def __init__(self, pid: int, sock: socket.socket) -> None:
+        import threading
+
         self.pid = pid
         self.sock = sock
         self.lock = threading.Lock()
@@ -113,6 +116,11 @@ def start() -> ZygoteClient:
 
 def get() -> ZygoteClient:
     """The zygote of this process, started (or restarted) when needed."""
+    global _lock
+    if _lock is None:
+        import threading
+
+        _lock = threading.Lock()
     with _lock:
         if _zygote is None or not _zygote.alive():
             start()
