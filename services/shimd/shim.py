@@ -206,6 +206,7 @@ class Shim:
         self.control: socket.socket | None = None
         self.attach: socket.socket | None = None
         self.wakeup_r = -1
+        self.wakeup_w = -1
 
     # --- start -----------------------------------------------------------
 
@@ -313,9 +314,9 @@ class Shim:
     # --- the loop ----------------------------------------------------------
 
     def serve(self) -> None:
-        self.wakeup_r, wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         set_nonblocking(self.wakeup_r)
-        signal.set_wakeup_fd(wakeup_w)
+        signal.set_wakeup_fd(self.wakeup_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         for fd in self.outputs:
             set_nonblocking(fd)
@@ -757,26 +758,42 @@ def run(spec: dict[str, Any], notify_fd: int) -> None:
         os._exit(code)
 
 
-def warm_up() -> None:
-    """Run the shim's hot paths in the zygote before it forks.
+def warm_up(scratch_dir: str, rounds: int = 10) -> None:
+    """Run a whole shim life in the zygote before it forks any shim.
 
     CPython specializes bytecode in place as it runs and builds caches on
-    first use: done once here, those pages stay shared instead of being
-    copied into every shim.
+    first use; a shim that did that itself would copy every page it
+    touched. Here the "runtime" is /bin/true and the "container" a short
+    sleep, so create, the poll loop, reaping, the exit file and the log
+    writer all run (and settle) in pages the shims then share.
     """
-    writer = LogWriter(os.devnull)
-    for _ in range(64):
-        writer.write(b"stdout", b"warm\nup " * 4)
-        writer.write(b"stderr", b"x" * (MAX_LOG_LINE + 1))
-        json.loads(json.dumps({"op": "state", "ok": True, "exit": None}))
-        poller = select.poll()
-        poller.register(writer.fd, select.POLLOUT)
-        poller.poll(0)
-        poller.unregister(writer.fd)
-        read_oom_kills(["/proc/self/status"])
-    writer.flush_partial(b"stdout")
-    writer.flush_partial(b"stderr")
-    os.close(writer.fd)
+    sleep = "/bin/sleep" if os.path.exists("/bin/sleep") else "/usr/bin/sleep"
+    for round_number in range(rounds):
+        base = os.path.join(scratch_dir, str(round_number))
+        os.mkdir(base)
+        container = os.posix_spawn(sleep, [sleep, "0.02"], os.environ)
+        with open(os.path.join(base, "pid"), "w") as handle:
+            handle.write(str(container))
+        spec = {
+            "container_id": "warm-up", "runtime_path": "/bin/true", "runtime_root": base, "bundle": base,
+            "pid_file": os.path.join(base, "pid"), "runtime_log": os.path.join(base, "runtime.log"),
+            "log_path": os.path.join(base, "log"), "exit_file": os.path.join(base, "exit.json"),
+            "control_socket": os.path.join(base, "ctl"), "attach_socket": os.path.join(base, "attach"),
+            "create_timeout": 10, "oom_files": ["/proc/self/status"],
+        }
+        shim = Shim(spec, -1)
+        shim.notify({"shim_pid": 0})
+        shim.create()
+        shim.log.write(b"stdout", b"warm\nup " * 4 + b"x" * (MAX_LOG_LINE + 1))
+        shim.serve()
+        json.loads(json.dumps({"op": "state", "ok": True, "exit": shim.exit_record}))
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in (shim.wakeup_r, shim.wakeup_w, shim.log.fd):
+            os.close(fd)
+        for name in os.listdir(base):
+            os.unlink(os.path.join(base, name))
+        os.rmdir(base)
 
 
 def main() -> None:

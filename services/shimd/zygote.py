@@ -36,7 +36,17 @@ def _serve(sock: socket.socket) -> None:
     shim.prctl(shim.PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    shim.warm_up()
+    scratch = os.path.join(os.environ.get("TMPDIR", "/tmp"), f".pyrio-zygote-{os.getpid()}")
+    os.mkdir(scratch, 0o700)
+    try:
+        shim.warm_up(scratch)
+    except Exception as exc:  # only memory is at stake: keep serving
+        os.write(2, f"shim zygote: warm-up failed: {exc}\n".encode())
+    finally:
+        for directory, subdirs, files in os.walk(scratch, topdown=False):
+            for name in files:
+                os.unlink(os.path.join(directory, name))
+            os.rmdir(directory)
     gc.collect()
     gc.freeze()
     while True:
