@@ -3,6 +3,9 @@ containers of the stack, and the URL they return driven by the independent test 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
 
@@ -22,7 +25,13 @@ from tests.streaming_client import (
 
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
+def containers(containers: Containers, stack) -> Containers:
+    """The containers fixture, skipping while the images area cannot pull yet."""
+    _needs_image_pulls(stack)
+    return containers
+
+
 def _needs_image_pulls(stack) -> None:
     """These need PullImage; until the images area answers it they cannot run at all."""
     try:
@@ -182,3 +191,64 @@ def test_port_forward_nc_and_httpd_two_parallel_connections(containers: Containe
         assert reply == b"" and b"refused" in error.lower()
     finally:
         forward.close()
+
+
+# --- without images: a real pod from netd, a listener started in its network namespace ---
+
+
+@pytest.fixture
+def pod_with_listener(stack, pods):
+    """A CRI pod and an echo server (busybox nc) inside its pinned network namespace."""
+    from tests.fixtures_pods import sandbox_info
+
+    sandbox_id = pods.run()
+    netns = sandbox_info(stack, sandbox_id)["namespaces"]["network"]
+    listener = subprocess.Popen(
+        ["nsenter", f"--net={netns}", "/bin/busybox", "sh", "-c", "while true; do /bin/busybox nc -l -p 9100 -e /bin/busybox cat; done"],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield sandbox_id
+    finally:
+        os.killpg(listener.pid, signal.SIGKILL)
+        listener.wait()
+
+
+def test_port_forward_into_a_cri_pod(stack, pod_with_listener) -> None:
+    url = stack.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id=pod_with_listener, port=[9100]), timeout=20).url
+    forward = PortForwardSession(url)
+    try:
+        wait_until(lambda: forward.exchange(9100, b"ping\n") == (b"ping\n", b""), 20, what="the pod's echo server")
+        reply, error = forward.exchange(9199, b"x")
+        assert reply == b"" and b"refused" in error.lower()
+    finally:
+        forward.close()
+    with pytest.raises(UpgradeRefused) as refused:
+        PortForwardSession(url)
+    assert refused.value.status == 404
+
+
+def test_streaming_request_errors_without_images(stack, pods) -> None:
+    runtime = stack.runtime
+    with pytest.raises(grpc.RpcError) as caught:
+        runtime.Exec(api_pb2.ExecRequest(container_id="no-such-container", cmd=["true"], stdout=True), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        runtime.Attach(api_pb2.AttachRequest(container_id="no-such-container", stdout=True), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        runtime.Exec(api_pb2.ExecRequest(container_id="x", cmd=["true"], tty=True, stdout=True, stderr=True), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tty and stderr" in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
+        runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id="no-such-pod", port=[80]), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id=""), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    stopped = pods.run()
+    pods.stop(stopped)
+    with pytest.raises(grpc.RpcError) as caught:
+        runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id=stopped, port=[80]), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

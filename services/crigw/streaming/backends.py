@@ -14,7 +14,8 @@ from services.crigw.streaming.netns import dial_in_netns
 from services.crigw.streaming.portforward import Dialer
 from services.crigw.streaming.remotecommand import RemoteStreams, status_exit_code, status_success
 
-SANDBOX_NOT_READY = (1, "SANDBOX_NOTREADY")
+# netd's sandbox states: only a ready sandbox has a network to forward into.
+SANDBOX_READY = "ready"
 
 
 def require_running(info: dict[str, Any], container_id: str) -> dict[str, Any]:
@@ -24,8 +25,8 @@ def require_running(info: dict[str, Any], container_id: str) -> dict[str, Any]:
 
 
 def require_ready(sandbox: dict[str, Any], sandbox_id: str) -> dict[str, Any]:
-    if sandbox.get("state") in SANDBOX_NOT_READY:
-        raise FailedPrecondition(f"pod sandbox {sandbox_id} is not ready")
+    if sandbox.get("state") != SANDBOX_READY:
+        raise FailedPrecondition(f"pod sandbox {sandbox_id} is not ready (state {sandbox.get('state')!r})")
     return sandbox
 
 
@@ -64,6 +65,9 @@ class GatewayBackend:
 
     def port_dialer(self, request: dict[str, Any]) -> Dialer:
         sandbox = self.sandbox(request["pod_sandbox_id"])
+        if (sandbox.get("namespace_options") or {}).get("network") == "NODE":
+            # A host-network pod listens on the node's own localhost.
+            return lambda port: dial_in_netns(None, port)
         netns = (sandbox.get("namespaces") or {}).get("network") or ""
         if not netns:
             raise FailedPrecondition(f"pod sandbox {request['pod_sandbox_id']} has no network namespace to forward into")

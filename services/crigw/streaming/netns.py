@@ -28,13 +28,15 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
-def dial_in_netns(netns_path: str, port: int, timeout: float = CONNECT_TIMEOUT_SECONDS) -> socket.socket:
-    """A TCP connection to localhost:port (IPv4, then IPv6) inside the namespace at netns_path."""
+def dial_in_netns(netns_path: str | None, port: int, timeout: float = CONNECT_TIMEOUT_SECONDS) -> socket.socket:
+    """A TCP connection to localhost:port (IPv4, then IPv6) inside the namespace at netns_path
+    (None: the node's own network namespace, for host-network pods)."""
     result: dict[str, object] = {}
 
     def connect() -> None:
         try:
-            _setns(netns_path)
+            if netns_path is not None:
+                _setns(netns_path)
             errors = []
             for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
                 sock = socket.socket(family, socket.SOCK_STREAM)
@@ -49,7 +51,7 @@ def dial_in_netns(netns_path: str, port: int, timeout: float = CONNECT_TIMEOUT_S
                 result["socket"] = sock
                 return
             result["error"] = OSError(
-                f"failed to connect to localhost:{port} inside namespace {netns_path!r}: " + "; ".join(errors)
+                f"failed to connect to localhost:{port} inside namespace {netns_path or 'of the node'!r}: " + "; ".join(errors)
             )
         except OSError as exc:
             result["error"] = exc
