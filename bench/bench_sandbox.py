@@ -11,26 +11,15 @@ from __future__ import annotations
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from cri_api.v1 import api_pb2
 
+from bench.timing import p95, timed
 from tests.fixtures_pods import pod_config
 from tests.harness import Stack
 
 SEQUENTIAL_PODS = 50
 CONCURRENT_PODS = 20
-
-
-def _timed(call: Callable[[], object]) -> tuple[float, object]:
-    started = time.perf_counter()
-    value = call()
-    return (time.perf_counter() - started) * 1000, value
-
-
-def _p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, round(0.95 * len(ordered)) - 1)]
 
 
 def run() -> dict[str, float | str]:
@@ -40,20 +29,20 @@ def run() -> dict[str, float | str]:
         runtime = stack.runtime
         timings: dict[str, list[float]] = {"run": [], "stop": [], "remove": []}
         for _ in range(SEQUENTIAL_PODS):
-            elapsed, reply = _timed(
+            elapsed, reply = timed(
                 lambda: runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod_config()), timeout=120)
             )
             timings["run"].append(elapsed)
             sandbox_id = reply.pod_sandbox_id
             timings["stop"].append(
-                _timed(lambda: runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120))[0]
+                timed(lambda: runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120))[0]
             )
             timings["remove"].append(
-                _timed(lambda: runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120))[0]
+                timed(lambda: runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120))[0]
             )
 
         def run_one(_: int) -> tuple[float, str]:
-            elapsed, reply = _timed(
+            elapsed, reply = timed(
                 lambda: runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod_config()), timeout=120)
             )
             return elapsed, reply.pod_sandbox_id
@@ -71,11 +60,11 @@ def run() -> dict[str, float | str]:
         figures: dict[str, float | str] = {}
         for name, values in timings.items():
             figures[f"{name}_median_ms ({SEQUENTIAL_PODS} pods)"] = round(statistics.median(values), 1)
-            figures[f"{name}_p95_ms ({SEQUENTIAL_PODS} pods)"] = round(_p95(values), 1)
+            figures[f"{name}_p95_ms ({SEQUENTIAL_PODS} pods)"] = round(p95(values), 1)
         latencies = [elapsed for elapsed, _ in concurrent]
         figures[f"concurrent_run_wall_ms ({CONCURRENT_PODS} pods)"] = round(wall, 1)
         figures[f"concurrent_run_median_ms ({CONCURRENT_PODS} pods)"] = round(statistics.median(latencies), 1)
-        figures[f"concurrent_run_p95_ms ({CONCURRENT_PODS} pods)"] = round(_p95(latencies), 1)
+        figures[f"concurrent_run_p95_ms ({CONCURRENT_PODS} pods)"] = round(p95(latencies), 1)
         return figures
     finally:
         stack.stop()
