@@ -39,6 +39,8 @@ def security(**fields) -> api_pb2.LinuxContainerConfig:
     for key, value in fields.items():
         if key in ("run_as_user", "run_as_group"):
             getattr(linux.security_context, key).value = value
+        elif key == "supplemental_groups":
+            linux.security_context.supplemental_groups.extend(value)
         elif key == "capabilities":
             linux.security_context.capabilities.CopyFrom(value)
         else:
@@ -58,7 +60,8 @@ CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_CHOWN, CAP_KILL = 12, 21, 0, 5
 
 def test_full_lifecycle(containers: Containers) -> None:
     pod = containers.pod()
-    config = containers.config("life", command=["sh", "-c", "echo hello; echo oops >&2; sleep 300"], labels={"tier": "x"})
+    script = "trap 'exit 0' TERM; echo hello; echo oops >&2; while true; do sleep 0.1; done"
+    config = containers.config("life", command=["sh", "-c", script], labels={"tier": "x"})
     container_id = containers.create(pod, config)
     status = containers.status(container_id).status
     assert status.state == CONTAINER_CREATED and status.created_at > 0 and status.started_at == 0
@@ -79,7 +82,7 @@ def test_full_lifecycle(containers: Containers) -> None:
     reply = containers.exec(container_id, "sh", "-c", "echo in-container; hostname")
     assert reply.exit_code == 0 and reply.stdout.decode().startswith("in-container\n")
     info = containers.info(container_id)
-    assert info["pid"] > 0 and info["runtime_spec"]["process"]["args"] == ["sh", "-c", "echo hello; echo oops >&2; sleep 300"]
+    assert info["pid"] > 0 and info["runtime_spec"]["process"]["args"] == ["sh", "-c", script]
 
     running = containers.runtime.ListContainers(
         api_pb2.ListContainersRequest(filter=api_pb2.ContainerFilter(state=api_pb2.ContainerStateValue(state=CONTAINER_RUNNING), pod_sandbox_id=pod[0]))
@@ -91,7 +94,7 @@ def test_full_lifecycle(containers: Containers) -> None:
     containers.stop(container_id, timeout=5)
     status = containers.status(container_id).status
     assert status.state == CONTAINER_EXITED and status.finished_at >= status.started_at
-    assert status.exit_code == 143 and status.reason == "Error"  # SIGTERM ended sh
+    assert status.exit_code == 0 and status.reason == "Completed"  # its TERM trap exited 0
     containers.stop(container_id, timeout=5)  # idempotent
     containers.remove(container_id)
     containers.remove(container_id)  # idempotent
@@ -169,7 +172,7 @@ def test_user_by_uid_by_name_and_from_image(containers: Containers) -> None:
 
 def test_readonly_rootfs_rejects_writes(containers: Containers) -> None:
     container_id = containers.run(
-        command=["sh", "-c", "touch /new-file && echo wrote || echo refused; touch /tmp/x && echo tmp-ok || echo tmp-refused"],
+        command=["sh", "-c", "touch /new-file 2>/dev/null && echo wrote || echo refused; touch /tmp/x 2>/dev/null && echo tmp-ok || echo tmp-refused"],
         linux=security(readonly_rootfs=True),
     )
     assert containers.output(container_id).splitlines()[-2:] == ["refused", "tmp-refused"]
@@ -212,10 +215,10 @@ def test_privileged_container(containers: Containers) -> None:
 
 def test_host_path_mounts_ro_and_rw(containers: Containers, tmp_path: Path) -> None:
     (tmp_path / "ro").mkdir()
-    (tmp_path / "ro" / "given").write_text("from-host")
+    (tmp_path / "ro" / "given").write_text("from-host\n")
     (tmp_path / "rw").mkdir()
     container_id = containers.run(
-        command=["sh", "-c", "cat /ro/given; echo x > /ro/new && echo ro-written || echo ro-refused; echo data > /rw/out && echo rw-ok"],
+        command=["sh", "-c", "cat /ro/given; (echo x > /ro/new) 2>/dev/null && echo ro-written || echo ro-refused; echo data > /rw/out && echo rw-ok"],
         mounts=[
             api_pb2.Mount(container_path="/ro", host_path=str(tmp_path / "ro"), readonly=True),
             api_pb2.Mount(container_path="/rw", host_path=str(tmp_path / "rw"), propagation=api_pb2.PROPAGATION_HOST_TO_CONTAINER),
@@ -279,7 +282,8 @@ def test_exec_sync_output_exit_code_and_timeout(containers: Containers) -> None:
 def test_stop_waits_grace_then_kills(containers: Containers) -> None:
     pod = containers.pod()
     stubborn = containers.run(pod, "stubborn", command=["sh", "-c", "trap 'echo got-term' TERM; while true; do sleep 0.1; done"])
-    polite = containers.run(pod, "polite", command=["sleep", "300"])
+    # PID 1 of a PID namespace ignores SIGTERM without a handler: this one has one.
+    polite = containers.run(pod, "polite", command=["sh", "-c", "trap 'exit 143' TERM; while true; do sleep 0.1; done"])
     time.sleep(0.5)  # let the shell set its trap
     started = time.monotonic()
     containers.stop(stubborn, timeout=2)

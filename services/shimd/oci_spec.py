@@ -246,6 +246,21 @@ def resolve_user(rootfs: str, security: dict[str, Any], image_user: str) -> User
 # --- capabilities and seccomp --------------------------------------------------
 
 
+def host_capabilities() -> list[str]:
+    """The capabilities this process may hand on (its bounding set): a
+    privileged container gets all of them, not ones the node itself lacks
+    (runc fails to apply a capability outside its own bounding set)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("CapBnd:"):
+                    mask = int(line.split()[1], 16)
+                    return [cap for bit, cap in enumerate(ALL_CAPABILITIES) if mask & (1 << bit)]
+    except (OSError, ValueError):
+        pass
+    return list(ALL_CAPABILITIES)
+
+
 def _cap_name(name: str) -> str:
     upper = name.upper()
     return upper if upper.startswith("CAP_") else f"CAP_{upper}"
@@ -253,7 +268,7 @@ def _cap_name(name: str) -> str:
 
 def capabilities(default: list[str], security: dict[str, Any]) -> list[str]:
     if security.get("privileged"):
-        return list(ALL_CAPABILITIES)
+        return host_capabilities()
     requested = security.get("capabilities") or {}
     add = [_cap_name(cap) for cap in requested.get("add_capabilities") or []]
     drop = [_cap_name(cap) for cap in requested.get("drop_capabilities") or []]
@@ -263,7 +278,7 @@ def capabilities(default: list[str], security: dict[str, Any]) -> list[str]:
     caps = [_cap_name(cap) for cap in default]
     # CRI-O's order: add ALL, drop ALL, then the named ones.
     if "CAP_ALL" in add:
-        caps = list(ALL_CAPABILITIES)
+        caps = host_capabilities()
     if "CAP_ALL" in drop:
         caps = []
     for cap in add:

@@ -229,7 +229,7 @@ class ShimDaemon:
                 log.warning("clean-up of a failed create is left for later",
                             extra={"container_id": container_id, "error": str(cleanup_error)})
             raise
-        log.info("container created", extra={"container_id": container_id, "sandbox_id": sandbox["id"], "name": name})
+        log.info("container created", extra={"container_id": container_id, "sandbox_id": sandbox["id"], "container_name": name})
         return {"container_id": container_id}
 
     def _create(self, record: dict[str, Any], sandbox: dict[str, Any], sandbox_config: dict[str, Any], call: CallContext) -> None:
