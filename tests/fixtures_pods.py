@@ -151,7 +151,8 @@ def pods(stack: Stack) -> Iterator[Pods]:
 
 # A CNI plugin for fault tests, chained after the bridge: by the word in its
 # `mode` file it passes ADD through ("ok"), fails it with a spec error object
-# ("fail") or hangs in it ("hang"); it notes each ADD in `add-started`, and
+# ("fail") or hangs in it ("hang"), or hangs in DEL ("hang-del"); it notes
+# each ADD in `add-started` and each DEL in `del-started`, and
 # keeps the stdin and CNI_* environment of its last ADD and DEL in
 # `add.json` / `del.json`.
 FAULT_PLUGIN = '''#!{python}
@@ -174,6 +175,10 @@ elif command == "ADD":
     if mode == "hang":
         time.sleep(300)
     print(json.dumps(conf.get("prevResult") or {{}}))
+elif command == "DEL":
+    (here / "del-started").write_text(os.environ.get("CNI_CONTAINERID", ""))
+    if mode == "hang-del":
+        time.sleep(300)
 '''
 
 FAULT_PLUGIN_MESSAGE = "pyrio-test-fault: injected failure: the fault plugin was told to fail"
@@ -203,7 +208,13 @@ class FaultStack(Stack):
         return json.loads((self.plugin_dir / f"{command.lower()}.json").read_text())
 
     def add_started(self) -> str:
-        path = self.plugin_dir / "add-started"
+        return self._marker("add-started")
+
+    def del_started(self) -> str:
+        return self._marker("del-started")
+
+    def _marker(self, name: str) -> str:
+        path = self.plugin_dir / name
         return path.read_text() if path.exists() else ""
 
 

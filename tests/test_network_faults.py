@@ -201,3 +201,36 @@ def test_plugins_get_the_cni_environment_and_runtime_config(fault_stack: FaultSt
         assert_nothing_left(fault_stack)
     finally:
         pods.cleanup()
+
+
+def test_netd_killed_during_stop_then_stop_again_releases_everything(fault_stack: FaultStack) -> None:
+    pods = Pods(fault_stack)
+    outcome: dict[str, object] = {}
+    try:
+        sandbox_id = pods.run(pod_config(port_mappings=[(80, free_port())]))
+        fault_stack.set_fault("hang-del")
+
+        def stop() -> None:
+            try:
+                pods.stop(sandbox_id)
+                outcome["ok"] = True
+            except grpc.RpcError as exc:
+                outcome["error"] = exc
+
+        stopper = threading.Thread(target=stop)
+        stopper.start()
+        wait_until(fault_stack.del_started, 30, what="CNI DEL in progress")
+        # Mid-DEL: portmap's rules are gone, the bridge still holds the veth and IP.
+        assert host_local_allocations(fault_stack)
+        fault_stack.set_fault("ok")
+        kill_netd(fault_stack)
+        stopper.join(60)
+        # Stop is idempotent: the gateway may have sent it again to the new netd.
+        assert outcome.get("ok") or outcome["error"].code() == grpc.StatusCode.UNAVAILABLE
+        pods.stop(sandbox_id)
+        assert pods.status(sandbox_id).status.state == api_pb2.SANDBOX_NOTREADY
+        assert host_local_allocations(fault_stack) == []
+        pods.remove(sandbox_id)
+        assert_nothing_left(fault_stack)
+    finally:
+        pods.cleanup()
