@@ -10,6 +10,7 @@ Everything is removed at the end, even when a test failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -104,8 +105,9 @@ def bundle_config(rootfs: Path, netns: Path, cgroup: str) -> dict[str, Any]:
     return spec
 
 
-@pytest.fixture(scope="session")
-def streaming_target() -> Iterator[StreamingTarget]:
+@contextlib.contextmanager
+def own_streaming_target() -> Iterator[StreamingTarget]:
+    """A running busybox container in a netns of its own; everything removed on exit."""
     root = Path(tempfile.mkdtemp(prefix="pyrio-stream-", dir="/tmp"))
     tag = uuid.uuid4().hex[:8]
     target = StreamingTarget(
@@ -136,6 +138,12 @@ def streaming_target() -> Iterator[StreamingTarget]:
         subprocess.run([RUNC, "--root", str(target.runtime_root), "delete", "--force", target.container_id], capture_output=True)
         subprocess.run(["umount", "-l", str(target.netns)], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def streaming_target() -> Iterator[StreamingTarget]:
+    with own_streaming_target() as target:
+        yield target
 
 
 class LocalBackend:

@@ -186,9 +186,10 @@ def test_idle_stream_is_closed(streaming_target) -> None:
 def test_port_forward_to_nc_with_two_parallel_connections(local_streaming: LocalStreaming) -> None:
     target = local_streaming.target
     # One listener echoes (nc -e cat), one writes what it got, upper-cased, to a file.
-    target.start_detached("sh", "-c", "nc -l -p 7001 | tr a-z A-Z > /tmp/out-7001")
+    # (nc's stdin is held open: at stdin EOF busybox nc would stop before reading the network side)
+    target.start_detached("sh", "-c", "sleep 60 | nc -l -p 7001 | tr a-z A-Z > /tmp/out-7001")
     target.start_detached("sh", "-c", "nc -l -p 7003 -e cat")
-    wait_until(lambda: "7003" in " ".join(target.processes()), 10)
+    wait_until(lambda: all(port in " ".join(target.processes()) for port in ("7001", "7003")), 10)
     time.sleep(0.3)
     forward = PortForwardSession(local_streaming.port_forward_url([7003]))
     results: dict[int, tuple[bytes, bytes]] = {}
