@@ -20,7 +20,6 @@ from cri_api.v1 import api_pb2
 
 from common.config import load_config
 from common.daemon import client_for
-from common.errors import FailedPrecondition
 from common.rpc import RpcClient
 from services.imaged.manifest import node_platform
 from tests.fixtures_images import AuthRegistries, Registry
@@ -477,8 +476,3 @@ def test_tag_moves_to_the_newly_pulled_image(stack: Stack, registry: Registry) -
     assert list(status(stack, old.config_digest).image.repo_tags) == []
     remove(stack, old.config_digest)
     remove(stack, new.reference)
-
-
-def test_failed_precondition_is_typed(stack: Stack) -> None:
-    # The imaged error kinds used above map through crigw/status.py.
-    assert FailedPrecondition("x").kind == "FailedPrecondition"
