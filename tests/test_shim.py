@@ -29,6 +29,10 @@ from services.shimd.records import CREATED, EXITED, RUNNING
 from services.shimd.shim import MAX_LOG_LINE, LogWriter
 from tests.harness import cleanup_root, wait_until
 
+# Forked at collection, from the main thread and before any gRPC thread of
+# other test modules exists (a real shimd forks it before any thread too).
+zygote.get()
+
 BUSYBOX = "/bin/busybox"
 APPLETS = ["sh", "ls", "cat", "echo", "sleep", "id", "head", "dd", "printf", "true", "false", "touch", "grep", "tail", "wc", "yes"]
 
@@ -145,7 +149,6 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    zygote.get()  # from the main thread: its death signal follows this thread
     own = Env()
     try:
         yield own

@@ -637,7 +637,11 @@ class Shim:
             os.closerange(3, keep)
             os.closerange(keep + 1, 65536)
             conn.settimeout(None)
-            result = run_exec(self.runtime, self.container_id, request)
+            try:
+                result = run_exec(self.runtime, self.container_id, request)
+            except Exception as exc:
+                os.write(2, f"exec failed: {type(exc).__name__}: {exc}\n".encode())
+                result = {"ok": False, "error": f"exec failed: {type(exc).__name__}: {exc}"}
             self.reply(conn, result)
         finally:
             os._exit(0)
