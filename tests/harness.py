@@ -32,6 +32,16 @@ SUPERVISORD_CONF = REPO / "supervisord.conf"
 SERVICES = ("crigw", "imaged", "netd", "shimd")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
+# The CNI bridge plugin with isGateway turns on IP forwarding for the whole
+# host; tests put the value they found back (pods on one bridge do not need it).
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+_IP_FORWARD_AT_START = IP_FORWARD.read_text() if IP_FORWARD.exists() else None
+
+
+def restore_ip_forward() -> None:
+    if _IP_FORWARD_AT_START is not None and IP_FORWARD.read_text() != _IP_FORWARD_AT_START:
+        IP_FORWARD.write_text(_IP_FORWARD_AT_START)
+
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
@@ -230,6 +240,7 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.supervisord.kill()
                 self.supervisord.wait(10)
+        restore_ip_forward()
         cleanup_root(self.root, self.cgroup_parent, self.bridge, self.subnet)
 
     def __enter__(self) -> "Stack":
@@ -240,6 +251,14 @@ class Stack:
 
 
 # --- leftovers -------------------------------------------------------------
+
+
+def parent_pid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def runtime_containers(root: Path) -> list[str]:
@@ -264,7 +283,11 @@ def leak_report(stack: "Stack") -> dict[str, list]:
                 daemon_pids.add(stack.service_pid(service))
             except (RuntimeError, ValueError):
                 pass
-    processes = [pid for pid in processes_of_root(stack.root) if pid not in daemon_pids]
+    # Direct children of a daemon (shimd's zygote) belong to it; shims and
+    # containers are reparented away from their daemon, so they still count.
+    processes = [
+        pid for pid in processes_of_root(stack.root) if pid not in daemon_pids and parent_pid(pid) not in daemon_pids
+    ]
     processes += processes_in_cgroups(stack.cgroup_parent)
     links = subprocess.run(["ip", "-o", "link", "show", "master", stack.bridge], capture_output=True, text=True)
     cgroups = [
