@@ -14,7 +14,7 @@ from typing import Any
 
 from cri_api.v1 import api_pb2
 
-from common.errors import NotFound, Unimplemented
+from common.errors import NotFound
 from services.crigw.convert import dict_to_message, message_to_dict
 from services.crigw.gateway import Gateway
 from services.crigw.handlers import cri_handler
@@ -40,17 +40,6 @@ def _full_id(gateway: Gateway, given_id: str) -> str | None:
         return gateway.netd.call("sandbox.status", {"sandbox_id": given_id}, idempotent=True)["id"]
     except NotFound:
         return None
-
-
-def _call_shimd_for_containers(gateway: Gateway, method: str, params: dict[str, Any]) -> None:
-    try:
-        gateway.shimd.call(method, params, timeout=SHIM_CALL_TIMEOUT_SECONDS, idempotent=True)
-    except Unimplemented:
-        # TEMPORARY until shimd implements container.stop_all/remove_all
-        # (containers issue, built in parallel): a shimd without them has
-        # no containers, so there is nothing to stop or remove. Remove this
-        # once shimd provides both methods.
-        pass
 
 
 def _sandbox_dict(record: dict[str, Any]) -> dict[str, Any]:
@@ -82,8 +71,11 @@ def stop_pod_sandbox(gateway: Gateway, request: api_pb2.StopPodSandboxRequest) -
     if sandbox_id is None:
         # CRI: Stop is idempotent and must not fail once everything is reclaimed.
         return api_pb2.StopPodSandboxResponse()
-    _call_shimd_for_containers(
-        gateway, "container.stop_all", {"sandbox_id": sandbox_id, "timeout": CONTAINER_STOP_TIMEOUT_SECONDS}
+    gateway.shimd.call(
+        "container.stop_all",
+        {"sandbox_id": sandbox_id, "timeout": CONTAINER_STOP_TIMEOUT_SECONDS},
+        timeout=SHIM_CALL_TIMEOUT_SECONDS,
+        idempotent=True,
     )
     gateway.netd.call("sandbox.stop", {"sandbox_id": sandbox_id}, timeout=_rpc_timeout(gateway, RUN_TIMEOUT_SECONDS), idempotent=True)
     return api_pb2.StopPodSandboxResponse()
@@ -96,7 +88,9 @@ def remove_pod_sandbox(
     sandbox_id = _full_id(gateway, request.pod_sandbox_id)
     if sandbox_id is None:
         return api_pb2.RemovePodSandboxResponse()  # already removed
-    _call_shimd_for_containers(gateway, "container.remove_all", {"sandbox_id": sandbox_id})
+    gateway.shimd.call(
+        "container.remove_all", {"sandbox_id": sandbox_id}, timeout=SHIM_CALL_TIMEOUT_SECONDS, idempotent=True
+    )
     gateway.netd.call(
         "sandbox.remove", {"sandbox_id": sandbox_id}, timeout=_rpc_timeout(gateway, RUN_TIMEOUT_SECONDS), idempotent=True
     )
