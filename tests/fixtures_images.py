@@ -4,7 +4,8 @@
 storage dir and config), anonymous, for the session. `auth_registries`: the
 same storage served twice more, once behind Basic auth (htpasswd -B) and once
 behind bearer tokens from a tiny token server written here, so images pushed
-through `registry` are pulled through either door. `busybox_image`: the
+through `registry` are pulled through either door. `tls_registry`: the same storage over
+HTTPS with a test CA. `busybox_image`: the
 standard test image (tests/oci_images.push_busybox) pushed once per session.
 
 Every registry and token server process is ended by its PID at the end.
@@ -84,15 +85,19 @@ def _registry_yaml(storage: Path, port: int, auth: str = "") -> str:
     )
 
 
-def start_registry(workdir: Path, storage: Path, name: str, auth: str = "") -> Registry:
+def start_registry(workdir: Path, storage: Path, name: str, auth: str = "", tls: tuple[Path, Path] | None = None) -> Registry:
+    """Start docker-registry; `tls` is (certificate, key) to serve HTTPS."""
     port = free_port()
     config = workdir / f"{name}.yml"
-    config.write_text(_registry_yaml(storage, port, auth))
+    text = _registry_yaml(storage, port, auth)
+    if tls is not None:
+        text = text.replace(f"  addr: 127.0.0.1:{port}\n", f"  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n")
+    config.write_text(text)
     log = open(workdir / f"{name}.log", "ab")
     process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
     registry = Registry(host=f"127.0.0.1:{port}", storage=storage, process=process, kind=name)
     try:
-        wait_for_registry(registry.host)
+        wait_for_registry(registry.host, tls=tls is not None)
     except Exception:
         registry.stop()
         raise RuntimeError(f"docker-registry {name} did not start: {(workdir / f'{name}.log').read_text()[-2000:]}")
@@ -204,6 +209,30 @@ class TokenServer:
         self.server.server_close()
 
 
+def make_test_ca(workdir: Path) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate for IP 127.0.0.1, server key)."""
+    ca_key, ca_cert = workdir / "ca.key", workdir / "ca.crt"
+    key, csr, cert, ext = workdir / "server.key", workdir / "server.csr", workdir / "server.crt", workdir / "server.ext"
+    run = lambda *args: subprocess.run(list(args), check=True, capture_output=True)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca_cert),
+        "-days", "2", "-subj", "/CN=pyrio-test-ca")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return ca_cert, cert, key
+
+
+@dataclass
+class TlsRegistry:
+    registry: Registry
+    ca_file: Path
+
+    @property
+    def host(self) -> str:
+        return self.registry.host
+
+
 @dataclass
 class AuthRegistries:
     basic: Registry
@@ -265,6 +294,17 @@ def auth_registries(registry: Registry, registry_workdir: Path) -> Iterator[Auth
     finally:
         for item in reversed(started):
             item.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_registry(registry: Registry, registry_workdir: Path) -> Iterator[TlsRegistry]:
+    """The `registry` storage served over HTTPS with a test CA (`ca_file`)."""
+    ca_file, cert, key = make_test_ca(registry_workdir)
+    running = start_registry(registry_workdir, registry.storage, "tls", tls=(cert, key))
+    try:
+        yield TlsRegistry(running, ca_file)
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="session")

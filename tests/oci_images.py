@@ -21,6 +21,7 @@ import hashlib
 import http.client
 import io
 import json
+import ssl
 import tarfile
 import time
 import urllib.parse
@@ -418,11 +419,16 @@ def basic_auth_header(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
-def wait_for_registry(host: str, timeout: float = 20.0) -> None:
+def wait_for_registry(host: str, timeout: float = 20.0, tls: bool = False) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            connection = http.client.HTTPConnection(host, timeout=2)
+            if tls:
+                connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    host, timeout=2, context=ssl._create_unverified_context()
+                )
+            else:
+                connection = http.client.HTTPConnection(host, timeout=2)
             connection.request("GET", "/v2/")
             status = connection.getresponse().status
             connection.close()

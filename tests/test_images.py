@@ -22,7 +22,7 @@ from common.config import load_config
 from common.daemon import client_for
 from common.rpc import RpcClient
 from services.imaged.manifest import node_platform
-from tests.fixtures_images import AuthRegistries, Registry
+from tests.fixtures_images import AuthRegistries, Registry, TlsRegistry
 from tests.harness import Stack
 from tests.oci_images import (
     Device,
@@ -282,6 +282,13 @@ def test_bearer_token_auth(stack: Stack, auth_registries: AuthRegistries, regist
     # A registry token is used as the bearer token directly.
     token = auth_registries.token_server.issuer.token("pyrio", [{"type": "repository", "name": image.repository, "actions": ["pull"]}])
     assert pull(stack, reference, api_pb2.AuthConfig(registry_token=token)) == image.config_digest
+
+
+def test_https_without_the_ca_is_refused(stack: Stack, registry: Registry, tls_registry: TlsRegistry) -> None:
+    image = build_and_push(registry, unique("pyrio/untrusted"), "v1", layers=[tar_layer([File("tls", b"no")])])
+    error = pull_error(stack, f"{tls_registry.host}/{image.repository}:v1")
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "CERTIFICATE_VERIFY_FAILED" in error.details() or "certificate verify failed" in error.details()
 
 
 # --- concurrency and integrity --------------------------------------------------------

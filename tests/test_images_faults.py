@@ -20,7 +20,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
-from tests.fixtures_images import Registry, free_port
+from tests.fixtures_images import Registry, TlsRegistry, free_port
 from tests.harness import Stack, wait_until
 from tests.oci_images import File, build_and_push, tar_layer
 
@@ -91,14 +91,20 @@ class SlowProxy:
 
 
 @pytest.fixture(scope="module")
-def fault_stack(registry: Registry) -> Iterator[Stack]:
+def fault_stack(registry: Registry, tls_registry: TlsRegistry) -> Iterator[Stack]:
     dead_port = free_port()  # bound and released: nothing listens there
     overrides = {
         "image": {
             "pull_progress_timeout": PROGRESS_TIMEOUT,
             "max_concurrent_downloads": 2,
             # The first mirror refuses connections; the second is the test registry.
-            "registries": {MIRRORED_DOMAIN: {"mirrors": [f"127.0.0.1:{dead_port}", registry.host]}},
+            "registries": {
+                MIRRORED_DOMAIN: {"mirrors": [f"127.0.0.1:{dead_port}", registry.host]},
+                # HTTPS verified with the test CA...
+                tls_registry.host: {"ca_file": str(tls_registry.ca_file)},
+                # ...and the same server by a name its certificate lacks, trusted as insecure.
+                f"localhost:{tls_registry.host.split(':')[1]}": {"insecure": True},
+            },
         }
     }
     own = Stack(config_overrides=overrides)
@@ -139,6 +145,14 @@ def test_mirror_keeps_the_repository_path_and_the_name(fault_stack: Stack, regis
     assert list(found.repo_tags) == [upstream_name]
     assert list(found.repo_digests) == [f"{MIRRORED_DOMAIN}/pause@{image.manifest_digest}"]
     assert "mirror failed, trying the next endpoint" in fault_stack.logs("imaged")
+
+
+def test_https_with_a_configured_ca_and_insecure(fault_stack: Stack, registry: Registry, tls_registry: TlsRegistry) -> None:
+    image = build_and_push(registry, f"pyrio/tls-{uuid.uuid4().hex[:8]}", "v1", layers=[tar_layer([File("tls", b"yes")])])
+    assert pull(fault_stack, f"{tls_registry.host}/{image.repository}:v1") == image.config_digest
+    insecure_name = f"localhost:{tls_registry.host.split(':')[1]}/{image.repository}:v1"
+    assert pull(fault_stack, insecure_name) == image.config_digest
+    assert insecure_name in image_status(fault_stack, insecure_name).image.repo_tags
 
 
 def test_stalled_download_is_an_error_not_a_hang(fault_stack: Stack, registry: Registry, proxy: SlowProxy) -> None:

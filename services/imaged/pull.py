@@ -10,6 +10,7 @@ temp dir whose diff id is verified, then renamed into place.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.config import ImageSection
-from common.errors import FailedPrecondition, PyrioError
+from common.errors import FailedPrecondition, PyrioError, ResourceExhausted
 from services.imaged import manifest as manifests
 from services.imaged.reference import Reference, parse_reference
 from services.imaged.registry import Cancelled, Credentials, RegistryClient, endpoints_for
@@ -182,6 +183,16 @@ class Puller:
             raise next((error for error in errors if not isinstance(error, Cancelled)), errors[0])
 
     def _fetch_layer(self, client: RegistryClient, descriptor: dict[str, Any], diff_id: str, cancel: threading.Event) -> None:
+        try:
+            self._fetch_layer_once(client, descriptor, diff_id, cancel)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(
+                    f"layer {descriptor.get('digest')}: no space left in the image store {self.store.root}"
+                ) from None
+            raise
+
+    def _fetch_layer_once(self, client: RegistryClient, descriptor: dict[str, Any], diff_id: str, cancel: threading.Event) -> None:
         digest = str(descriptor.get("digest", ""))
         with self.store.layer_lock(diff_id):
             if self.store.has_layer(diff_id):
