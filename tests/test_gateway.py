@@ -81,8 +81,16 @@ def test_network_not_ready_without_cni_config(fresh_stack: Stack) -> None:
     assert found["NetworkReady"].status is False and "no-such-plugin" in found["NetworkReady"].message
 
 
+def _cri_call_needing(stack: Stack, service: str) -> None:
+    if service == "imaged":
+        stack.images.ListImages(api_pb2.ListImagesRequest(), timeout=10)
+    else:
+        stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10)
+
+
 @pytest.mark.parametrize("service, condition", [("imaged", "RuntimeReady"), ("netd", "NetworkReady")])
 def test_killed_daemon_reported_then_restarted(fresh_stack: Stack, service: str, condition: str) -> None:
+    _cri_call_needing(fresh_stack, service)
     pid = fresh_stack.service_pid(service)
     assert fresh_stack.supervisord is not None
     # Freeze supervisord so the outage lasts until we have looked at it;
@@ -96,7 +104,14 @@ def test_killed_daemon_reported_then_restarted(fresh_stack: Stack, service: str,
         assert time.monotonic() - started < 5, "Status hung while a daemon was down"
         assert found[condition].status is False
         assert service in found[condition].message
-        # A call to the dead daemon answers UNAVAILABLE promptly, not a hang.
+        # A CRI call that needs the dead daemon answers UNAVAILABLE promptly, not a hang.
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            _cri_call_needing(fresh_stack, service)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+        assert service in caught.value.details()
+        assert time.monotonic() - started < 5
+        # And so does the RPC layer itself.
         client = client_for(load_config(str(fresh_stack.config_path)), service, timeout=10)
         started = time.monotonic()
         with pytest.raises(Unavailable):
@@ -108,3 +123,4 @@ def test_killed_daemon_reported_then_restarted(fresh_stack: Stack, service: str,
     new_pid = fresh_stack.wait_service_running(service)
     assert new_pid != pid
     wait_until(lambda: conditions(fresh_stack)[condition].status, 20, what=f"{condition} true again")
+    _cri_call_needing(fresh_stack, service)
