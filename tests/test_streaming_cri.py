@@ -252,3 +252,24 @@ def test_streaming_request_errors_without_images(stack, pods) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id=stopped, port=[80]), timeout=10)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_exec_sessions_do_not_outlive_a_killed_gateway(fresh_containers: Containers) -> None:
+    containers = fresh_containers
+    _needs_image_pulls(containers.stack)
+    container_id = containers.run(command=["sleep", "3600"])
+    session = open_remote_command(exec_url(containers, container_id, ["sh", "-c", "echo up; sleep 6161"]))
+    session.read_stdout_until(b"up")
+
+    def sleepers() -> list[str]:
+        reply = containers.exec(container_id, "ps", "-o", "args")
+        return [line for line in reply.stdout.decode().splitlines() if "6161" in line]
+
+    assert sleepers()
+    stack = containers.stack
+    old_pid = stack.service_pid("crigw")
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: stack.wait_service_running("crigw") != old_pid, 30, what="crigw restarted")
+    stack.wait_ready()
+    wait_until(lambda: not sleepers(), 20, what="the dead gateway's exec to be killed")
+    session.client.close()

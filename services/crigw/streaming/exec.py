@@ -57,6 +57,28 @@ def kill_process_tree(pid: int) -> None:
             pass
 
 
+def reap_orphaned_execs(pid_dir: Path) -> list[int]:
+    """Kill the exec'd processes of a gateway that died: their clients are gone with it.
+
+    Every running exec has a runc --pid-file in pid_dir; a file still there
+    when crigw starts belongs to a session of a previous crigw. A process is
+    only killed if it started before its pid file was written, so a reused
+    pid is left alone. Returns the pids killed.
+    """
+    killed = []
+    for pid_file in sorted(pid_dir.glob("exec-*.pid")) if pid_dir.is_dir() else []:
+        try:
+            pid = int(pid_file.read_text().strip())
+            written = pid_file.stat().st_mtime
+            if psutil.Process(pid).create_time() <= written + 1.0:
+                kill_process_tree(pid)
+                killed.append(pid)
+        except (OSError, ValueError, psutil.Error):
+            pass
+        pid_file.unlink(missing_ok=True)
+    return killed
+
+
 def _pump_to_stream(fd: int, stream: Any, exited: threading.Event) -> None:
     """Copy fd to a client stream until EOF, or until quiet after the process exited."""
     quiet_since: float | None = None

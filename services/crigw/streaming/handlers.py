@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from cri_api.v1 import api_pb2
 
 from common.errors import InvalidArgument, Unavailable
 from services.crigw.gateway import Gateway
 from services.crigw.handlers import cri_handler
 from services.crigw.streaming.backends import GatewayBackend
+from services.crigw.streaming.exec import reap_orphaned_execs
 from services.crigw.streaming.server import StreamingServer
+
+log = logging.getLogger("pyrio.crigw.streaming")
 
 _server: StreamingServer | None = None
 _backend: GatewayBackend | None = None
@@ -18,6 +23,9 @@ def start_streaming_server(gateway: Gateway) -> StreamingServer:
     """Start the streaming server crigw hands URLs out for (one per process)."""
     global _server, _backend
     _backend = GatewayBackend(gateway)
+    killed = reap_orphaned_execs(_backend.pid_dir)
+    if killed:
+        log.info("killed the exec sessions of a previous gateway", extra={"pids": killed})
     _server = StreamingServer(gateway.config.streaming, _backend).start()
     return _server
 
