@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -201,3 +202,32 @@ def test_imaged_killed_mid_pull_then_clean_repull(fault_stack: Stack, registry: 
     proxy.delay = 0
     assert pull(fault_stack, slow_name) == image.config_digest
     assert image_status(fault_stack, slow_name).image.id == image.config_digest
+
+
+def test_restarted_imaged_keeps_images_and_root_filesystems(fault_stack: Stack, registry: Registry) -> None:
+    from common.config import load_config
+    from common.daemon import client_for
+
+    image = build_and_push(registry, f"pyrio/restart-{uuid.uuid4().hex[:8]}", "v1", layers=[tar_layer([File("kept", b"yes")])])
+    pull(fault_stack, image.reference)
+    client = client_for(load_config(str(fault_stack.config_path)), "imaged", timeout=30)
+    container_id = uuid.uuid4().hex * 2
+    try:
+        merged = Path(client.call("rootfs.prepare", {"container_id": container_id, "image": image.reference})["rootfs"])
+        (merged / "written").write_text("before restart")
+        fault_stack.supervisorctl("restart", "imaged")
+        fault_stack.wait_ready()
+        assert image_status(fault_stack, image.reference).image.id == image.config_digest
+        assert os.path.ismount(merged) and (merged / "written").read_text() == "before restart"
+        # After an unmount (as after a reboot) a restart mounts it again.
+        subprocess.run(["umount", str(merged)], check=True)
+        fault_stack.supervisorctl("restart", "imaged")
+        fault_stack.wait_ready()
+        assert os.path.ismount(merged) and (merged / "kept").read_text() == "yes"
+        assert (merged / "written").read_text() == "before restart"
+        listed = {item["container_id"]: item for item in client.call("rootfs.list", idempotent=True)}
+        assert listed[container_id]["mounted"] and listed[container_id]["image_id"] == image.config_digest
+    finally:
+        client.call("rootfs.remove", {"container_id": container_id}, idempotent=True)
+        client.close()
+    assert not merged.exists()

@@ -45,7 +45,20 @@ class ImageDaemon:
         self.store.open()
         self.rootfs = RootfsManager(self.store)
         self.rootfs.remove_orphans({record["container_id"] for record in self.store.list_containers()})
+        self._remount_rootfs()
         self.puller = Puller(self.store, config.image)
+
+    def _remount_rootfs(self) -> None:
+        """Mounts outlive imaged restarts; after a node reboot they are gone,
+        so put back every container root filesystem the records promise."""
+        for record in self.store.list_containers():
+            if self.rootfs.is_mounted(record["container_id"]):
+                continue
+            try:
+                self.rootfs.mount(record)
+                log.info("remounted root filesystem", extra={"container_id": record["container_id"]})
+            except OSError as exc:
+                log.error("cannot remount root filesystem", extra={"container_id": record["container_id"], "error": str(exc)})
 
     def health(self) -> dict[str, Any]:
         return {"ready": True, "reason": "", "store_dir": str(self.store.root)}
