@@ -44,12 +44,16 @@ def _p95(values: list[float]) -> float:
     return ordered[max(0, round(0.95 * len(ordered)) - 1)]
 
 
-def pss_kib(pid: int) -> int:
+def rollup_kib(pid: int, field: str = "Pss") -> int:
     with open(f"/proc/{pid}/smaps_rollup") as handle:
         for line in handle:
-            if line.startswith("Pss:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     return 0
+
+
+def pss_kib(pid: int) -> int:
+    return rollup_kib(pid, "Pss")
 
 
 def children_of(pid: int) -> list[int]:
@@ -118,6 +122,8 @@ def run() -> dict[str, float | str]:
             status = runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=container_id, verbose=True), timeout=20)
             shim_pids.append(json.loads(status.info["info"])["shim_pid"])
         shim_pss = [pss_kib(pid) for pid in shim_pids]
+        shim_private = [rollup_kib(pid, "Private_Dirty") for pid in shim_pids]
+        shim_rss = [rollup_kib(pid, "Rss") for pid in shim_pids]
         shimd_pid = stack.service_pid("shimd")
         zygotes = children_of(shimd_pid)
         busy_pss = {service: pss_kib(stack.service_pid(service)) for service in SERVICES}
@@ -135,6 +141,8 @@ def run() -> dict[str, float | str]:
             f"exec_sync_p95_ms ({EXEC_CALLS} calls)": round(_p95(exec_times), 1),
             f"shim_pss_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_pss), 1),
             f"shim_pss_max_kib ({CONCURRENT_PODS} containers)": max(shim_pss),
+            f"shim_private_dirty_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_private), 1),
+            f"shim_rss_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_rss), 1),
         }
         for service in SERVICES:
             figures[f"{service}_pss_idle_kib"] = idle_pss[service]

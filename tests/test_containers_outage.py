@@ -43,6 +43,8 @@ def test_container_survives_kill_of_shimd_and_crigw(fresh_containers: Containers
     assert status.state == CONTAINER_RUNNING
     assert containers.info(container_id)["pid"] == container_pid
     wait_until(lambda: log_ticks(containers) > ticks_at_kill + 5, 10, what="more ticks")
+    # The restarted shimd talks to the same shim: exec goes through it.
+    assert containers.exec(container_id, "echo", "still-here").stdout == b"still-here\n"
 
     # Now the container exits while shimd is down.
     old_shimd = kill_service(containers, "shimd")

@@ -51,7 +51,7 @@ def _serve(sock: socket.socket) -> None:
     gc.freeze()
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 1)
+            message, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
         except OSError:
             os._exit(0)
         if not message:  # shimd is gone
