@@ -377,3 +377,32 @@ def test_hugepage_limits_dropped_and_oom_score_adj_clamped(containers: Container
     container_id = containers.run(command=["sh", "-c", "cat /proc/self/oom_score_adj; sleep 300"], linux=api_pb2.LinuxContainerConfig(resources=resources))
     wait_for_log(containers, container_id, "F ")
     assert int(containers.log_contents(container_id)[0].split(":")[1]) >= 0
+
+
+# --- runtime handlers ----------------------------------------------------------------------------
+
+
+def crun_refuses_this_host() -> bool:
+    """crun (1.8) refuses hybrid cgroup hosts whose cgroup2 mount has
+    controllers enabled, as this kind of machine does (hugetlb)."""
+    controllers = Path("/sys/fs/cgroup/unified/cgroup.controllers")
+    return controllers.exists() and bool(controllers.read_text().split())
+
+
+def test_crun_runtime_handler(containers: Containers) -> None:
+    pod = containers.pod(runtime_handler="crun")
+    config = containers.config("crun", command=["sh", "-c", "echo via-crun; sleep 300"])
+    if crun_refuses_this_host():
+        # The runtime's own message reaches the kubelet, and nothing is left.
+        error = rpc_error(containers.create, pod, config)
+        assert error.code() == grpc.StatusCode.INTERNAL and "hybrid" in error.details()
+        listed = containers.runtime.ListContainers(api_pb2.ListContainersRequest(filter=api_pb2.ContainerFilter(pod_sandbox_id=pod[0])))
+        assert list(listed.containers) == []
+        return
+    container_id = containers.create(pod, config)
+    containers.start(container_id)
+    wait_for_log(containers, container_id, "via-crun")
+    assert containers.exec(container_id, "echo", "exec-crun").stdout == b"exec-crun\n"
+    assert containers.info(container_id)["runtime_handler"] == "crun"
+    containers.stop(container_id, 0)
+    assert containers.status(container_id).status.exit_code == 137
