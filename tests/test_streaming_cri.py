@@ -45,6 +45,11 @@ def _needs_image_pulls(stack) -> None:
 COUNTER = ["sh", "-c", "i=0; while true; do echo count $i; i=$((i+1)); sleep 0.2; done"]
 
 
+def processes_matching(containers: Containers, container_id: str, marker: str) -> list[str]:
+    reply = containers.exec(container_id, "ps", "-o", "args")
+    return [line for line in reply.stdout.decode().splitlines() if marker in line]
+
+
 def exec_url(containers: Containers, container_id: str, cmd: list[str], tty: bool = False, stdin: bool = False) -> str:
     request = api_pb2.ExecRequest(container_id=container_id, cmd=cmd, tty=tty, stdin=stdin, stdout=True, stderr=not tty)
     return containers.runtime.Exec(request, timeout=20).url
@@ -80,13 +85,9 @@ def test_exec_client_disconnect_kills_the_process(containers: Containers) -> Non
     session = open_remote_command(exec_url(containers, container_id, ["sh", "-c", "echo up; sleep 5151"]))
     session.read_stdout_until(b"up")
 
-    def sleepers() -> list[str]:
-        reply = containers.exec(container_id, "ps", "-o", "args")
-        return [line for line in reply.stdout.decode().splitlines() if "5151" in line]
-
-    assert sleepers()
+    assert processes_matching(containers, container_id, "5151")
     session.client.close()
-    wait_until(lambda: not sleepers(), 15, what="the exec'd process to be killed")
+    wait_until(lambda: not processes_matching(containers, container_id, "5151"), 15, what="the exec'd process to be killed")
 
 
 def test_exec_over_websocket(containers: Containers) -> None:
@@ -261,15 +262,11 @@ def test_exec_sessions_do_not_outlive_a_killed_gateway(fresh_containers: Contain
     session = open_remote_command(exec_url(containers, container_id, ["sh", "-c", "echo up; sleep 6161"]))
     session.read_stdout_until(b"up")
 
-    def sleepers() -> list[str]:
-        reply = containers.exec(container_id, "ps", "-o", "args")
-        return [line for line in reply.stdout.decode().splitlines() if "6161" in line]
-
-    assert sleepers()
+    assert processes_matching(containers, container_id, "6161")
     stack = containers.stack
     old_pid = stack.service_pid("crigw")
     os.kill(old_pid, signal.SIGKILL)
     wait_until(lambda: stack.wait_service_running("crigw") != old_pid, 30, what="crigw restarted")
     stack.wait_ready()
-    wait_until(lambda: not sleepers(), 20, what="the dead gateway's exec to be killed")
+    wait_until(lambda: not processes_matching(containers, container_id, "6161"), 20, what="the dead gateway's exec to be killed")
     session.client.close()

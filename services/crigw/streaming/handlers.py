@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from cri_api.v1 import api_pb2
 
@@ -36,46 +37,39 @@ def _running() -> tuple[StreamingServer, GatewayBackend]:
     return _server, _backend
 
 
-def _validate_stdio(container_id: str, tty: bool, stdin: bool, stdout: bool, stderr: bool) -> None:
-    # The same checks, in the same words, as the kubelet's streaming server.
-    if not container_id:
+def _validated_stdio(request: api_pb2.ExecRequest | api_pb2.AttachRequest) -> dict[str, Any]:
+    """The request's container and stdio choices, checked as (and in the words of) the kubelet."""
+    if not request.container_id:
         raise InvalidArgument("missing required container_id")
-    if tty and stderr:
+    if request.tty and request.stderr:
         raise InvalidArgument("tty and stderr cannot both be true")
-    if not (stdin or stdout or stderr):
+    if not (request.stdin or request.stdout or request.stderr):
         raise InvalidArgument("one of stdin, stdout, or stderr must be set")
-
-
-@cri_handler("Exec")
-def exec_(gateway: Gateway, request: api_pb2.ExecRequest) -> api_pb2.ExecResponse:
-    server, backend = _running()
-    _validate_stdio(request.container_id, request.tty, request.stdin, request.stdout, request.stderr)
-    if not request.cmd:
-        raise InvalidArgument("cmd must name the command to run")
-    backend.exec_info(request.container_id)
-    stored = {
+    return {
         "container_id": request.container_id,
-        "cmd": list(request.cmd),
         "tty": request.tty,
         "stdin": request.stdin,
         "stdout": request.stdout,
         "stderr": request.stderr,
     }
+
+
+@cri_handler("Exec")
+def exec_(gateway: Gateway, request: api_pb2.ExecRequest) -> api_pb2.ExecResponse:
+    server, backend = _running()
+    stored = _validated_stdio(request)
+    if not request.cmd:
+        raise InvalidArgument("cmd must name the command to run")
+    backend.exec_info(request.container_id)
+    stored["cmd"] = list(request.cmd)
     return api_pb2.ExecResponse(url=server.url_for("exec", stored))
 
 
 @cri_handler("Attach")
 def attach(gateway: Gateway, request: api_pb2.AttachRequest) -> api_pb2.AttachResponse:
     server, backend = _running()
-    _validate_stdio(request.container_id, request.tty, request.stdin, request.stdout, request.stderr)
+    stored = _validated_stdio(request)
     backend.attach_info(request.container_id)
-    stored = {
-        "container_id": request.container_id,
-        "tty": request.tty,
-        "stdin": request.stdin,
-        "stdout": request.stdout,
-        "stderr": request.stderr,
-    }
     return api_pb2.AttachResponse(url=server.url_for("attach", stored))
 
 

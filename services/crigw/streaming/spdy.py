@@ -369,11 +369,14 @@ class SpdyConnection:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        deadline = time.monotonic() + linger
-        while not self.closed.is_set() and time.monotonic() < deadline:
-            self.closed.wait(0.05)
+        close_after_peer(self.sock, self.closed, linger)
         self._shutdown()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+
+
+def close_after_peer(sock: socket.socket, peer_gone: threading.Event, linger: float) -> None:
+    """Wait up to `linger` for the client to hang up (its read loop sets peer_gone), then shut the socket."""
+    peer_gone.wait(linger)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

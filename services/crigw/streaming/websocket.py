@@ -19,7 +19,7 @@ import threading
 import time
 from typing import BinaryIO
 
-from services.crigw.streaming.spdy import STREAM_BUFFER_LIMIT, read_exactly
+from services.crigw.streaming.spdy import STREAM_BUFFER_LIMIT, close_after_peer, read_exactly
 
 log = logging.getLogger("pyrio.crigw.streaming.websocket")
 
@@ -256,11 +256,5 @@ class ChannelConnection:
     def close(self, linger: float = 2.0) -> None:
         """Close frame, then wait for the client's close (or `linger`)."""
         self._send_close(CLOSE_NORMAL)
-        deadline = time.monotonic() + linger
-        while not self.closed.is_set() and time.monotonic() < deadline:
-            self.closed.wait(0.05)
+        close_after_peer(self.sock, self.closed, linger)
         self._shutdown()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
