@@ -6,7 +6,8 @@ same storage served twice more, once behind Basic auth (htpasswd -B) and once
 behind bearer tokens from a tiny token server written here, so images pushed
 through `registry` are pulled through either door. `tls_registry`: the same storage over
 HTTPS with a test CA. `busybox_image`: the
-standard test image (tests/oci_images.push_busybox) pushed once per session.
+standard test image (tests/oci_images.push_busybox) pushed once per session;
+`pulled_busybox`: the same, already pulled into the shared `stack`.
 
 Every registry and token server process is ended by its PID at the end.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import shutil
 import socket
@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from cri_api.v1 import api_pb2
 
+from tests.harness import Stack
 from tests.oci_images import PushedImage, basic_auth_header, push_busybox, wait_for_registry
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
@@ -86,22 +88,29 @@ def _registry_yaml(storage: Path, port: int, auth: str = "") -> str:
 
 
 def start_registry(workdir: Path, storage: Path, name: str, auth: str = "", tls: tuple[Path, Path] | None = None) -> Registry:
-    """Start docker-registry; `tls` is (certificate, key) to serve HTTPS."""
-    port = free_port()
-    config = workdir / f"{name}.yml"
-    text = _registry_yaml(storage, port, auth)
-    if tls is not None:
-        text = text.replace(f"  addr: 127.0.0.1:{port}\n", f"  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n")
-    config.write_text(text)
-    log = open(workdir / f"{name}.log", "ab")
-    process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    registry = Registry(host=f"127.0.0.1:{port}", storage=storage, process=process, kind=name)
-    try:
-        wait_for_registry(registry.host, tls=tls is not None)
-    except Exception:
+    """Start docker-registry; `tls` is (certificate, key) to serve HTTPS.
+
+    The free port is probed then released, so another test run may take it
+    first: a registry that fails to start is retried on a new port."""
+    log_path = workdir / f"{name}.log"
+    for _attempt in range(3):
+        port = free_port()
+        config = workdir / f"{name}.yml"
+        text = _registry_yaml(storage, port, auth)
+        if tls is not None:
+            text = text.replace(f"  addr: 127.0.0.1:{port}\n", f"  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n")
+        config.write_text(text)
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        registry = Registry(host=f"127.0.0.1:{port}", storage=storage, process=process, kind=name)
+        try:
+            wait_for_registry(registry.host, timeout=10, tls=tls is not None)
+            if process.poll() is None:
+                return registry
+        except TimeoutError:
+            pass
         registry.stop()
-        raise RuntimeError(f"docker-registry {name} did not start: {(workdir / f'{name}.log').read_text()[-2000:]}")
-    return registry
+    raise RuntimeError(f"docker-registry {name} did not start: {log_path.read_text()[-2000:]}")
 
 
 # --- bearer tokens ------------------------------------------------------------
@@ -311,3 +320,13 @@ def tls_registry(registry: Registry, registry_workdir: Path) -> Iterator[TlsRegi
 def busybox_image(registry: Registry) -> PushedImage:
     """The standard busybox test image, pushed once: `busybox_image.reference`."""
     return push_busybox(registry, "pyrio/busybox", "latest")
+
+
+@pytest.fixture(scope="session")
+def pulled_busybox(stack: Stack, busybox_image: PushedImage) -> PushedImage:
+    """`busybox_image`, pulled into the shared stack (CreateContainer can use
+    `.reference` or `.image_id` at once). Do not remove it in a test."""
+    stack.images.PullImage(
+        api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=busybox_image.reference)), timeout=120
+    )
+    return busybox_image

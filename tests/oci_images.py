@@ -36,7 +36,7 @@ BUSYBOX_APPLETS = (
     "mkdir", "rm", "cp", "mv", "touch", "ps", "kill", "grep", "head", "tail", "wc", "stat", "hostname",
     "whoami", "date", "df", "du", "mount", "ip", "ifconfig", "ping", "wget", "sed", "awk", "tee", "uname",
     "chmod", "chown", "ln", "readlink", "find", "xargs", "dd", "yes", "seq", "sort", "uniq", "tr", "cut",
-    "timeout", "nslookup", "httpd", "vi", "stty", "tty", "basename", "dirname", "pwd", "umask", "sync",
+    "timeout", "nslookup", "httpd", "vi", "stty", "tty", "basename", "dirname", "pwd", "sync",
     "md5sum", "sha256sum", "base64", "hexdump", "od", "mktemp", "usleep", "pidof", "top", "free", "netstat",
 )
 

@@ -483,3 +483,19 @@ def test_tag_moves_to_the_newly_pulled_image(stack: Stack, registry: Registry) -
     assert list(status(stack, old.config_digest).image.repo_tags) == []
     remove(stack, old.config_digest)
     remove(stack, new.reference)
+
+
+def test_shared_busybox_image_works(pulled_busybox: PushedImage, imaged: RpcClient, rootfs_cleanup: list[str]) -> None:
+    """The image other areas build on: a shell, applets and an `app` user."""
+    import subprocess
+
+    container_id = uuid.uuid4().hex * 2
+    rootfs_cleanup.append(container_id)
+    answer = imaged.call("rootfs.prepare", {"container_id": container_id, "image": pulled_busybox.reference})
+    assert answer["config"]["Cmd"] == ["sh"]
+    result = subprocess.run(
+        ["chroot", answer["rootfs"], "/bin/sh", "-c", "echo hello; id app; cat /etc/group | grep app; ls /bin/nc /bin/sleep"],
+        capture_output=True, text=True, timeout=20,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hello" in result.stdout and "uid=1000(app) gid=1000(app)" in result.stdout

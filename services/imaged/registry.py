@@ -185,6 +185,7 @@ class RegistryClient:
         self._challenge: _Challenge | None = None
         self._token = ""
         self._lock = threading.Lock()
+        self._tls = self._ssl_context() if "https" in endpoint.schemes else None
 
     @property
     def name(self) -> str:
@@ -202,7 +203,7 @@ class RegistryClient:
 
     def _connection(self, scheme: str, host: str) -> http.client.HTTPConnection:
         if scheme == "https":
-            return http.client.HTTPSConnection(host, timeout=self.timeout, context=self._ssl_context())
+            return http.client.HTTPSConnection(host, timeout=self.timeout, context=self._tls or self._ssl_context())
         return http.client.HTTPConnection(host, timeout=self.timeout)
 
     def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> http.client.HTTPResponse:
