@@ -19,10 +19,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cri_api.v1 import api_pb2
 
+from bench.timing import p95, timed
 from tests.fixtures_images import start_registry
 from tests.fixtures_pods import pod_config
 from tests.harness import SERVICES, Stack
@@ -33,15 +34,23 @@ CONCURRENT_PODS = 20
 EXEC_CALLS = 50
 
 
-def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
-    started = time.perf_counter()
-    value = call()
-    return (time.perf_counter() - started) * 1000, value
-
-
-def _p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, round(0.95 * len(ordered)) - 1)]
+def start_sleeping_pod(runtime: Any, image: str, log_directory: str) -> tuple[str, str]:
+    """RunPodSandbox + CreateContainer + StartContainer of one `sleep` container:
+    (sandbox_id, container_id)."""
+    config = pod_config(log_directory=log_directory)
+    sandbox_id = runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config), timeout=120).pod_sandbox_id
+    container = api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name="main"),
+        image=api_pb2.ImageSpec(image=image),
+        command=["sleep", "3600"],
+        log_path="main.log",
+    )
+    container.linux.security_context.namespace_options.pid = api_pb2.CONTAINER
+    container_id = runtime.CreateContainer(
+        api_pb2.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=container, sandbox_config=config), timeout=120
+    ).container_id
+    runtime.StartContainer(api_pb2.StartContainerRequest(container_id=container_id), timeout=60)
+    return sandbox_id, container_id
 
 
 def rollup_kib(pid: int, field: str = "Pss") -> int:
@@ -76,23 +85,7 @@ def run() -> dict[str, float | str]:
         log_dir = stack.root / "pod-logs"
 
         def start_pod(index: int) -> tuple[float, tuple[str, str]]:
-            def steps() -> tuple[str, str]:
-                config = pod_config(log_directory=str(log_dir / str(index)))
-                sandbox_id = runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config), timeout=120).pod_sandbox_id
-                container = api_pb2.ContainerConfig(
-                    metadata=api_pb2.ContainerMetadata(name="main"),
-                    image=api_pb2.ImageSpec(image=image),
-                    command=["sleep", "3600"],
-                    log_path="main.log",
-                )
-                container.linux.security_context.namespace_options.pid = api_pb2.CONTAINER
-                container_id = runtime.CreateContainer(
-                    api_pb2.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=container, sandbox_config=config), timeout=120
-                ).container_id
-                runtime.StartContainer(api_pb2.StartContainerRequest(container_id=container_id), timeout=60)
-                return sandbox_id, container_id
-
-            return _timed(steps)
+            return timed(lambda: start_sleeping_pod(runtime, image, str(log_dir / str(index))))
 
         def remove_pod(sandbox_id: str) -> None:
             runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120)
@@ -112,7 +105,7 @@ def run() -> dict[str, float | str]:
 
         exec_target = concurrent[0][1][1]
         exec_times = [
-            _timed(lambda: runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=exec_target, cmd=["true"], timeout=10), timeout=60))[0]
+            timed(lambda: runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=exec_target, cmd=["true"], timeout=10), timeout=60))[0]
             for _ in range(EXEC_CALLS)
         ]
 
@@ -133,12 +126,12 @@ def run() -> dict[str, float | str]:
 
         figures: dict[str, float | str] = {
             f"pod_start_median_ms ({SEQUENTIAL_PODS} pods)": round(statistics.median(sequential), 1),
-            f"pod_start_p95_ms ({SEQUENTIAL_PODS} pods)": round(_p95(sequential), 1),
+            f"pod_start_p95_ms ({SEQUENTIAL_PODS} pods)": round(p95(sequential), 1),
             f"concurrent_pod_start_wall_ms ({CONCURRENT_PODS} pods)": round(wall, 1),
             f"concurrent_pod_start_median_ms ({CONCURRENT_PODS} pods)": round(statistics.median([e for e, _ in concurrent]), 1),
-            f"concurrent_pod_start_p95_ms ({CONCURRENT_PODS} pods)": round(_p95([e for e, _ in concurrent]), 1),
+            f"concurrent_pod_start_p95_ms ({CONCURRENT_PODS} pods)": round(p95([e for e, _ in concurrent]), 1),
             f"exec_sync_median_ms ({EXEC_CALLS} calls)": round(statistics.median(exec_times), 1),
-            f"exec_sync_p95_ms ({EXEC_CALLS} calls)": round(_p95(exec_times), 1),
+            f"exec_sync_p95_ms ({EXEC_CALLS} calls)": round(p95(exec_times), 1),
             f"shim_pss_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_pss), 1),
             f"shim_pss_max_kib ({CONCURRENT_PODS} containers)": max(shim_pss),
             f"shim_private_dirty_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_private), 1),

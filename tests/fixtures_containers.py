@@ -188,22 +188,23 @@ class Containers:
                 pass
 
 
-@pytest.fixture
-def containers(stack: Stack, test_images: TestImages) -> Iterator[Containers]:
-    own = Containers(stack, test_images)
+def _containers_on(stack: Stack, images: TestImages) -> Iterator[Containers]:
+    own = Containers(stack, images)
     try:
         yield own
     finally:
         own.cleanup()
+
+
+@pytest.fixture
+def containers(stack: Stack, test_images: TestImages) -> Iterator[Containers]:
+    yield from _containers_on(stack, test_images)
 
 
 @pytest.fixture
 def fresh_containers(fresh_stack: Stack, test_images: TestImages) -> Iterator[Containers]:
-    own = Containers(fresh_stack, test_images)
-    try:
-        yield own
-    finally:
-        own.cleanup()
+    """Containers on a private stack, for tests that kill services."""
+    yield from _containers_on(fresh_stack, test_images)
 
 
 def wait_for_log(containers: Containers, container_id: str, needle: str, timeout: float = 20) -> str:

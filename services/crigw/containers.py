@@ -78,17 +78,24 @@ def remove_container(gateway: Gateway, request: api_pb2.RemoveContainerRequest) 
     return api_pb2.RemoveContainerResponse()
 
 
+def container_filter(request: Any) -> dict[str, Any]:
+    """shimd's filter from a ListContainers or ListContainerStats request."""
+    if not request.HasField("filter"):
+        return {}
+    given = request.filter
+    filter_: dict[str, Any] = {
+        "id": given.id,
+        "pod_sandbox_id": given.pod_sandbox_id,
+        "label_selector": dict(given.label_selector),
+    }
+    if "state" in given.DESCRIPTOR.fields_by_name and given.HasField("state"):
+        filter_["state"] = {"state": given.state.state}
+    return filter_
+
+
 @cri_handler("ListContainers")
 def list_containers(gateway: Gateway, request: api_pb2.ListContainersRequest) -> api_pb2.ListContainersResponse:
-    filter_: dict[str, Any] = {}
-    if request.HasField("filter"):
-        filter_ = {
-            "id": request.filter.id,
-            "pod_sandbox_id": request.filter.pod_sandbox_id,
-            "label_selector": dict(request.filter.label_selector),
-        }
-        if request.filter.HasField("state"):
-            filter_["state"] = {"state": request.filter.state.state}
+    filter_ = container_filter(request)
     items = gateway.shimd.call("container.list", {"filter": filter_}, idempotent=True)
     return api_pb2.ListContainersResponse(containers=[dict_to_message(item, api_pb2.Container) for item in items])
 

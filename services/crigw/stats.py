@@ -12,6 +12,7 @@ from typing import Any
 
 from cri_api.v1 import api_pb2
 
+from services.crigw.containers import container_filter
 from services.crigw.convert import dict_to_message
 from services.crigw.gateway import Gateway
 from services.crigw.handlers import cri_handler
@@ -31,14 +32,7 @@ def container_stats(gateway: Gateway, request: api_pb2.ContainerStatsRequest) ->
 def list_container_stats(
     gateway: Gateway, request: api_pb2.ListContainerStatsRequest
 ) -> api_pb2.ListContainerStatsResponse:
-    filter_: dict[str, Any] = {}
-    if request.HasField("filter"):
-        filter_ = {
-            "id": request.filter.id,
-            "pod_sandbox_id": request.filter.pod_sandbox_id,
-            "label_selector": dict(request.filter.label_selector),
-        }
-    items = gateway.shimd.call("container.list_stats", {"filter": filter_}, idempotent=True)
+    items = gateway.shimd.call("container.list_stats", {"filter": container_filter(request)}, idempotent=True)
     return api_pb2.ListContainerStatsResponse(stats=_container_stats(items))
 
 

@@ -74,6 +74,8 @@ def rfc3339_nano(now_ns: int) -> bytes:
 
 
 def atomic_write(path: str, data: bytes) -> None:
+    # Not common.state's: that one brings tempfile and pathlib (and random's
+    # after-fork hook) into the zygote, which every shim would pay for.
     directory = os.path.dirname(path)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
