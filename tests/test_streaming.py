@@ -164,8 +164,7 @@ def test_concurrent_stream_limit(streaming_target) -> None:
             open_remote_command(streaming.exec_url(["true"]))
         assert refused.value.status == 429
         first.client.close()
-        wait_until(lambda: streaming.server._active_sessions() == 0, 10)
-        assert spdy_exec(streaming.exec_url(["true"])).exit_code == 0
+        wait_until(lambda: spdy_exec(streaming.exec_url(["true"])).exit_code == 0, 10, what="a free slot")
     finally:
         streaming.server.stop()
 
@@ -273,3 +272,25 @@ def test_port_forward_over_websocket(local_streaming: LocalStreaming) -> None:
             echoed += message[1]
     ws.close()
     assert echoed == b"over websocket\n"
+
+
+def test_port_forward_connection_limit(streaming_target) -> None:
+    streaming = start_local_streaming(streaming_target, max_concurrent_streams=2)
+    for port in (7401, 7402):
+        streaming_target.start_detached("sh", "-c", f"nc -l -p {port} -e cat")
+    wait_until(lambda: all(port in " ".join(streaming_target.processes()) for port in ("7401", "7402")), 10)
+    try:
+        forward = PortForwardSession(streaming.port_forward_url([7401, 7402]))
+        held = [forward.open(7401), forward.open(7402)]
+        for data, _ in held:
+            data.write(b"still here\n")
+            assert data.read(10) == b"still here\n"
+        with pytest.raises(ConnectionResetError):
+            forward.open(7401)
+        for data, _ in held:
+            data.close()
+            assert data.read_all(10) == b""
+        wait_until(lambda: forward.exchange(7999, b"x")[1] != b"", 10, what="a free connection slot")
+        forward.close()
+    finally:
+        streaming.server.stop()

@@ -81,10 +81,11 @@ class _Pair:
 class SpdyPortForward:
     """Pairs up the client's streams by requestID and relays each complete pair."""
 
-    def __init__(self, dial: Dialer, describe: str, creation_timeout: float) -> None:
+    def __init__(self, dial: Dialer, describe: str, creation_timeout: float, max_connections: int) -> None:
         self._dial = dial
         self._describe = describe
         self._creation_timeout = creation_timeout
+        self._max_connections = max_connections
         self._lock = threading.Lock()
         self._pending: dict[str, _Pair] = {}
         self.threads: list[threading.Thread] = []
@@ -105,6 +106,9 @@ class SpdyPortForward:
             # Old clients send no requestID: the pair is (error n, data n+2).
             request_id = str(stream.id if stream_type == ERROR else stream.id - 2)
         with self._lock:
+            self.threads = [thread for thread in self.threads if thread.is_alive()]
+            if request_id not in self._pending and len(self.threads) + len(self._pending) >= self._max_connections:
+                return f"too many forwarded connections at once (at most {self._max_connections})"
             pair = self._pending.setdefault(request_id, _Pair(created=time.monotonic()))
             if stream_type in pair.streams:
                 return f"duplicate {stream_type} stream for request {request_id}"
@@ -119,7 +123,8 @@ class SpdyPortForward:
                 name=f"pf-{port}",
                 daemon=True,
             )
-            self.threads.append(thread)
+            with self._lock:
+                self.threads.append(thread)
             thread.start()
         return None
 

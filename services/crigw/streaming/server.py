@@ -157,6 +157,7 @@ class StreamingServer:
         self._stopping = threading.Event()
         self._sessions_lock = threading.Lock()
         self._sessions: set[Any] = set()
+        self._slots = threading.BoundedSemaphore(config.max_concurrent_streams)
         self.port = 0
 
     # --- lifecycle -------------------------------------------------------
@@ -255,15 +256,22 @@ class StreamingServer:
             sock.sendall(http_response(404, "Not Found", body="404 page not found\n"))
             return
         kind, token = parts
-        if self._active_sessions() >= self.config.max_concurrent_streams:
+        # Checked before the token is spent, so a refused client may retry with it.
+        if not self._slots.acquire(blocking=False):
             sock.sendall(
                 http_response(429, "Too Many Requests", [("Retry-After", "1")], body="too many concurrent streams\n")
             )
             return
-        stored = self.cache.consume(token, kind)
-        if stored is None:
-            sock.sendall(http_response(404, "Not Found", body="404 page not found\n"))
-            return
+        try:
+            stored = self.cache.consume(token, kind)
+            if stored is None:
+                sock.sendall(http_response(404, "Not Found", body="404 page not found\n"))
+                return
+            self._upgrade(sock, reader, request, kind, stored)
+        finally:
+            self._slots.release()
+
+    def _upgrade(self, sock: socket.socket, reader: BinaryIO, request: HttpRequest, kind: str, stored: dict) -> None:
         if request.is_upgrade("websocket"):
             if kind == "portforward":
                 self._websocket_port_forward(sock, reader, request, stored)
@@ -276,10 +284,6 @@ class StreamingServer:
                 self._spdy_remote_command(sock, reader, request, kind, stored)
         else:
             sock.sendall(http_response(400, "Bad Request", body="unable to upgrade: missing upgrade headers in request\n"))
-
-    def _active_sessions(self) -> int:
-        with self._sessions_lock:
-            return len(self._sessions)
 
     def _run_session(self, connection: Any) -> threading.Thread:
         with self._sessions_lock:
@@ -342,7 +346,9 @@ class StreamingServer:
             dialer = self.backend.port_dialer(stored)
         except PyrioError as exc:
             dialer = _failing_dialer(str(exc))
-        forward = portforward.SpdyPortForward(dialer, stored.get("pod_sandbox_id", ""), STREAM_CREATION_TIMEOUT)
+        forward = portforward.SpdyPortForward(
+            dialer, stored.get("pod_sandbox_id", ""), STREAM_CREATION_TIMEOUT, self.config.max_concurrent_streams
+        )
         connection = SpdyConnection(sock, reader, forward.on_stream)
         self._run_session(connection)
         try:
