@@ -106,6 +106,9 @@ class ImageSection:
     # A download that makes no progress for this many seconds fails.
     pull_progress_timeout: float = 60.0
     registries: dict[str, RegistryConfig] = field(default_factory=dict)
+    # Images reported pinned to the kubelet (never garbage collected), as
+    # CRI-O's pinned_images: exact references, or a prefix ending in "*".
+    pinned_images: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -136,6 +136,7 @@ def test_pull_by_tag_then_status_list_remove(stack: Stack, registry: Registry) -
     assert list(by_tag.repo_tags) == [image.reference]
     assert list(by_tag.repo_digests) == [image.digest_reference]
     assert by_tag.size > 1_000_000  # busybox itself
+    assert not by_tag.pinned
     for name in (image.config_digest, image.config_digest.split(":")[1], image.config_digest.split(":")[1][:12], image.digest_reference):
         assert status(stack, name).image.id == image.config_digest, name
     assert image.config_digest in [item.id for item in list_images(stack)]

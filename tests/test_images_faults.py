@@ -98,6 +98,7 @@ def fault_stack(registry: Registry, tls_registry: TlsRegistry) -> Iterator[Stack
         "image": {
             "pull_progress_timeout": PROGRESS_TIMEOUT,
             "max_concurrent_downloads": 2,
+            "pinned_images": [f"{MIRRORED_DOMAIN}/pau*"],
             # The first mirror refuses connections; the second is the test registry.
             "registries": {
                 MIRRORED_DOMAIN: {"mirrors": [f"127.0.0.1:{dead_port}", registry.host]},
@@ -145,6 +146,7 @@ def test_mirror_keeps_the_repository_path_and_the_name(fault_stack: Stack, regis
     found = image_status(fault_stack, upstream_name).image
     assert list(found.repo_tags) == [upstream_name]
     assert list(found.repo_digests) == [f"{MIRRORED_DOMAIN}/pause@{image.manifest_digest}"]
+    assert found.pinned  # image.pinned_images
     assert "mirror failed, trying the next endpoint" in fault_stack.logs("imaged")
 
 

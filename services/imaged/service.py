@@ -123,12 +123,30 @@ class ImageDaemon:
             "repo_digests": list(record.get("repo_digests", [])),
             "size": int(record.get("size", 0)),
             "username": username,
-            "pinned": bool(record.get("pinned", False)),
+            "pinned": self._pinned(record),
             "spec": {"image": record["id"]},
         }
         if uid is not None:
             image["uid"] = uid
         return image
+
+    def _pinned(self, record: dict[str, Any]) -> bool:
+        """Whether image.pinned_images names this image (by reference, id,
+        or a prefix ending in "*")."""
+        names = record.get("repo_tags", []) + record.get("repo_digests", [])
+        for pattern in self.config.image.pinned_images:
+            if pattern.endswith("*"):
+                matched = any(name.startswith(pattern[:-1]) for name in names)
+            elif is_image_id(pattern):
+                matched = record["id"].removeprefix("sha256:") == pattern.removeprefix("sha256:")
+            else:
+                try:
+                    matched = str(parse_reference(pattern)) in names
+                except InvalidArgument:
+                    matched = False
+            if matched:
+                return True
+        return False
 
     def _config_of(self, record: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -67,7 +67,8 @@ class Store:
         # the only writer of its store.
         self.lock = threading.RLock()
         self._pins: dict[str, int] = {}
-        self._layer_locks: dict[str, threading.Lock] = {}
+        # diff id -> [lock, holders and waiters]; dropped when nobody needs it.
+        self._layer_locks: dict[str, list[Any]] = {}
 
     # --- start-up -----------------------------------------------------------
 
@@ -117,9 +118,16 @@ class Store:
     def layer_lock(self, diff_id: str) -> Iterator[None]:
         """One pull at a time fetches a given layer; the others wait and reuse it."""
         with self.lock:
-            lock = self._layer_locks.setdefault(diff_id, threading.Lock())
-        with lock:
-            yield
+            entry = self._layer_locks.setdefault(diff_id, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self.lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._layer_locks[diff_id]
 
     def commit_layer(self, staging: Path, diff_id: str, record: dict[str, Any]) -> None:
         """Make a fully unpacked staging dir (with diff/ inside) the layer."""
