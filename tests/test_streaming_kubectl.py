@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -57,9 +57,23 @@ def _truthy(query: dict[str, list[str]], name: str) -> bool:
     return query.get(name, ["false"])[0] in ("true", "1")
 
 
+# What the kubelet would do for a pods/<kind> request: ask the runtime for a streaming URL.
+UrlFor = Callable[[str, dict[str, Any]], str]
+
+
+def stored_request(kind: str, query: dict[str, list[str]]) -> dict[str, Any]:
+    """The CRI request fields kubectl's query string asks for."""
+    if kind == "portforward":
+        return {"port": [int(p) for p in query.get("ports", [])]}
+    return {
+        "cmd": query.get("command", []),
+        **{name: _truthy(query, name) for name in ("stdin", "stdout", "stderr", "tty")},
+    }
+
+
 class StandInApiServer:
-    def __init__(self, streaming: LocalStreaming) -> None:
-        self.streaming = streaming
+    def __init__(self, url_for: UrlFor) -> None:
+        self.url_for = url_for
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
@@ -105,15 +119,7 @@ class StandInApiServer:
 
     def _proxy(self, conn: socket.socket, kind: str, query: dict[str, list[str]], headers: list[str], rest: bytes) -> None:
         """As the kubelet: get a URL for the request, then relay the upgrade to it."""
-        if kind == "portforward":
-            stored: dict[str, Any] = {"pod_sandbox_id": "local", "port": [int(p) for p in query.get("ports", [])]}
-        else:
-            stored = {
-                "container_id": self.streaming.target.container_id,
-                "cmd": query.get("command", []),
-                **{name: _truthy(query, name) for name in ("stdin", "stdout", "stderr", "tty")},
-            }
-        url = urlsplit(self.streaming.server.url_for(kind, stored))
+        url = urlsplit(self.url_for(kind, stored_request(kind, query)))
         upgrade = [h for h in headers if h.lower().startswith(("upgrade:", "sec-websocket-protocol:", "x-stream-protocol-version:"))]
         self.upgrades.append(" | ".join(upgrade))
         upstream = socket.create_connection((url.hostname, url.port))
@@ -139,7 +145,11 @@ class StandInApiServer:
 
 @pytest.fixture
 def apiserver(local_streaming: LocalStreaming) -> Iterator[StandInApiServer]:
-    server = StandInApiServer(local_streaming)
+    def url_for(kind: str, stored: dict[str, Any]) -> str:
+        target = {"pod_sandbox_id": "local"} if kind == "portforward" else {"container_id": local_streaming.target.container_id}
+        return local_streaming.server.url_for(kind, {**stored, **target})
+
+    server = StandInApiServer(url_for)
     try:
         yield server
     finally:
@@ -232,3 +242,57 @@ def test_kubectl_port_forward(apiserver: StandInApiServer, kubectl_env: dict[str
             process.kill()
             process.wait()
     assert "portforward.k8s.io" in apiserver.upgrades[-1]
+
+
+# --- kubectl through pyrio's CRI: the stand-in API server plays the kubelet ----------
+
+
+@pytest.fixture
+def cri_apiserver(containers) -> Iterator[tuple[StandInApiServer, Any, str]]:
+    from cri_api.v1 import api_pb2
+
+    from tests.test_streaming_cri import _needs_image_pulls
+
+    _needs_image_pulls(containers.stack)
+    pod = containers.pod()
+    container_id = containers.run(pod, command=["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"])
+    runtime = containers.runtime
+
+    def url_for(kind: str, stored: dict[str, Any]) -> str:
+        if kind == "exec":
+            return runtime.Exec(api_pb2.ExecRequest(container_id=container_id, **stored), timeout=20).url
+        if kind == "attach":
+            stored.pop("cmd", None)
+            return runtime.Attach(api_pb2.AttachRequest(container_id=container_id, **stored), timeout=20).url
+        return runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id=pod[0], **stored), timeout=20).url
+
+    server = StandInApiServer(url_for)
+    try:
+        yield server, containers, container_id
+    finally:
+        server.close()
+
+
+def test_kubectl_exec_and_attach_through_pyrio(cri_apiserver, kubectl_env: dict[str, str]) -> None:
+    apiserver, containers, container_id = cri_apiserver
+    done = kubectl(apiserver, kubectl_env, "exec", "-i", "target", "--", "sh", "-c", "cat; exit 5", stdin=b"into a pyrio container\n")
+    assert done.stdout == b"into a pyrio container\n"
+    assert done.returncode == 5, done.stderr
+
+    attach = subprocess.Popen(
+        [KUBECTL, f"--server={apiserver.url}", "--cache-dir", str(Path(kubectl_env["HOME"]) / "cache"), "-n", "default", "attach", "target"],
+        env={**kubectl_env, "KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert attach.stdout is not None
+        lines = [attach.stdout.readline() for _ in range(3)]
+        numbers = [int(line.split()[1]) for line in lines]
+        assert numbers == list(range(numbers[0], numbers[0] + 3)), lines
+    finally:
+        attach.terminate()
+        attach.wait(10)
+    from cri_api.v1 import api_pb2
+
+    assert containers.status(container_id).status.state == api_pb2.CONTAINER_RUNNING
