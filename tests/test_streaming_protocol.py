@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import struct
 import threading
@@ -128,6 +129,7 @@ def test_http_request_without_upgrade_gets_an_answer_not_a_hang(local_streaming:
         assert sock.recv(100).startswith(b"HTTP/1.1 400")
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificate")
 def test_tls_streaming(streaming_target, tmp_path) -> None:
     import subprocess
 
