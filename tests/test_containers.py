@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cri_api.v1 import api_pb2
+from cri_api.v1 import api_pb2, api_pb2_grpc
 
 from tests.fixtures_containers import (
     CONTAINER_CREATED,
@@ -406,3 +406,40 @@ def test_crun_runtime_handler(containers: Containers) -> None:
     assert containers.info(container_id)["runtime_handler"] == "crun"
     containers.stop(container_id, 0)
     assert containers.status(container_id).status.exit_code == 137
+
+
+def test_exec_sync_output_is_bounded(containers: Containers) -> None:
+    container_id = containers.run(command=["sleep", "300"])
+    # The kubelet's client accepts 16 MiB messages; so does this one.
+    channel = grpc.insecure_channel(f"unix://{containers.stack.socket}", options=[("grpc.max_receive_message_length", 16 << 20)])
+    try:
+        runtime = api_pb2_grpc.RuntimeServiceStub(channel)
+        reply = runtime.ExecSync(api_pb2.ExecSyncRequest(
+            container_id=container_id, cmd=["sh", "-c", "yes | head -c 50000000; echo done >&2"], timeout=30), timeout=90)
+    finally:
+        channel.close()
+    assert len(reply.stdout) == 6 * 1024 * 1024 and set(reply.stdout[:1000]) == set(b"y\n")
+    assert reply.stderr == b"done\n" and reply.exit_code == 0
+
+
+def test_seccomp_profiles(containers: Containers, tmp_path: Path) -> None:
+    profile = tmp_path / "deny-mkdir.json"
+    profile.write_text('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}')
+    pod = containers.pod()
+    script = "mkdir /tmp/d 2>/dev/null && echo mkdir-ok || echo mkdir-denied; grep Seccomp: /proc/self/status"
+    localhost = api_pb2.LinuxContainerConfig()
+    localhost.security_context.seccomp.profile_type = api_pb2.SecurityProfile.Localhost
+    localhost.security_context.seccomp.localhost_ref = str(profile)
+    unconfined = api_pb2.LinuxContainerConfig()
+    unconfined.security_context.seccomp.profile_type = api_pb2.SecurityProfile.Unconfined
+    denied = containers.run(pod, "localhost", command=["sh", "-c", script], linux=localhost)
+    free = containers.run(pod, "unconfined", command=["sh", "-c", script], linux=unconfined)
+    default = containers.run(pod, "default", command=["sh", "-c", script])
+    assert containers.output(denied).splitlines() == ["mkdir-denied", "Seccomp:\t2"]
+    assert containers.output(free).splitlines() == ["mkdir-ok", "Seccomp:\t0"]
+    assert containers.output(default).splitlines() == ["mkdir-ok", "Seccomp:\t2"]
+    missing = api_pb2.LinuxContainerConfig()
+    missing.security_context.seccomp.profile_type = api_pb2.SecurityProfile.Localhost
+    missing.security_context.seccomp.localhost_ref = str(tmp_path / "absent.json")
+    error = rpc_error(containers.create, pod, containers.config("missing", linux=missing))
+    assert error.code() == grpc.StatusCode.NOT_FOUND

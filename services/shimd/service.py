@@ -58,8 +58,9 @@ CRI_SIGNALS = [
     "SIGVTALRM", "SIGWINCH", "SIGXCPU", "SIGXFSZ",
 ]
 SANDBOX_READY_STATES = (0, "SANDBOX_READY", "READY", "ready")
-# Per stream: the kubelet's gRPC client takes at most 16 MiB per message.
-EXEC_OUTPUT_LIMIT = 8 * 1024 * 1024
+# Per stream: the kubelet's gRPC client takes at most 16 MiB per message,
+# and both streams travel in one.
+EXEC_OUTPUT_LIMIT = 6 * 1024 * 1024
 # A stop waits the grace period, SIGKILL, then at most this long for the exit.
 STOP_MARGIN_SECONDS = 15.0
 SHIM_REQUEST_TIMEOUT = 10.0
