@@ -348,3 +348,37 @@ def test_crun_handler_is_configured() -> None:
     config = Config().resolve()
     assert config.runtime_handler("crun").path == "/usr/bin/crun"
     assert RUNNING == 1
+
+
+def test_cgroup_v2_layout_stats_and_oom(tmp_path: Path) -> None:
+    from services.shimd import cgroup_stats
+    from services.shimd.shim import read_oom_kills
+
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
+    container = tmp_path / "kubepods" / "pyrio-abc"
+    container.mkdir(parents=True)
+    (container / "cpu.stat").write_text("usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n")
+    (container / "memory.current").write_text("10485760\n")
+    (container / "memory.stat").write_text("anon 4194304\ninactive_file 2097152\npgfault 77\npgmajfault 3\n")
+    (container / "memory.events").write_text("low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n")
+    layout = oci_spec.CgroupLayout.detect(tmp_path)
+    assert layout.unified and layout.has("hugetlb")
+    usage = cgroup_stats.container_usage(layout, "/kubepods/pyrio-abc")
+    assert usage["cpu"]["usage_core_nano_seconds"]["value"] == 1_500_000
+    assert usage["memory"]["working_set_bytes"]["value"] == 10485760 - 2097152
+    assert usage["memory"]["rss_bytes"]["value"] == 4194304 and usage["memory"]["major_page_faults"]["value"] == 3
+    assert read_oom_kills(layout.oom_files("/kubepods/pyrio-abc")) == 1
+    resources = oci_spec.oci_resources({"memory_limit_in_bytes": 1 << 26, "hugepage_limits": [{"page_size": "2MB", "limit": 1 << 21}],
+                                        "unified": {"memory.high": "50000000"}}, layout)
+    assert resources["hugepageLimits"] == [{"pageSize": "2MB", "limit": 1 << 21}]
+    assert resources["unified"] == {"memory.high": "50000000"} and resources["memory"]["swap"] == 1 << 26
+
+
+def test_cgroup_v1_layout_rejects_unified_resources(tmp_path: Path) -> None:
+    for controller in ("cpu", "cpuacct", "memory", "pids"):
+        (tmp_path / controller).mkdir()
+    layout = oci_spec.CgroupLayout.detect(tmp_path)
+    assert not layout.unified and not layout.has("hugetlb") and not layout.swap_supported()
+    assert "swap" not in oci_spec.oci_resources({"memory_limit_in_bytes": 1 << 26}, layout)["memory"]
+    with pytest.raises(InvalidArgument):
+        oci_spec.oci_resources({"unified": {"memory.high": "1"}}, layout)

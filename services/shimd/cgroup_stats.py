@@ -68,20 +68,3 @@ def container_usage(layout: CgroupLayout, cgroups_path: str) -> dict[str, Any]:
         usage["memory"] = memory
     return usage
 
-
-def cgroup_limits(layout: CgroupLayout, cgroups_path: str) -> dict[str, Any]:
-    """The limits currently in force (for tests and ContainerStatus verbose info)."""
-    dirs = layout.container_dirs(cgroups_path)
-    if layout.unified:
-        base = dirs["unified"]
-        return {
-            "memory.max": (base / "memory.max").read_text().strip() if (base / "memory.max").exists() else "",
-            "cpu.max": (base / "cpu.max").read_text().strip() if (base / "cpu.max").exists() else "",
-        }
-    limits: dict[str, Any] = {}
-    if "memory" in dirs:
-        limits["memory.limit_in_bytes"] = _read_int(dirs["memory"] / "memory.limit_in_bytes")
-    if "cpu" in dirs:
-        limits["cpu.cfs_quota_us"] = _read_int(dirs["cpu"] / "cpu.cfs_quota_us")
-        limits["cpu.shares"] = _read_int(dirs["cpu"] / "cpu.shares")
-    return limits

@@ -71,16 +71,17 @@ class CgroupLayout:
 
     unified: bool
     controllers: set[str] = field(default_factory=set)
+    root: Path = CGROUP_ROOT
 
     @classmethod
     def detect(cls, root: Path = CGROUP_ROOT) -> "CgroupLayout":
         if (root / "cgroup.controllers").exists():
-            return cls(unified=True, controllers=set((root / "cgroup.controllers").read_text().split()))
+            return cls(unified=True, controllers=set((root / "cgroup.controllers").read_text().split()), root=root)
         controllers = set()
         if root.is_dir():
             for entry in root.iterdir():
                 controllers.update(entry.name.split(","))
-        return cls(unified=False, controllers=controllers)
+        return cls(unified=False, controllers=controllers, root=root)
 
     def has(self, controller: str) -> bool:
         return controller in self.controllers
@@ -89,19 +90,19 @@ class CgroupLayout:
         """controller -> the container's cgroup directory for stats and OOM."""
         relative = cgroups_path.strip("/")
         if self.unified:
-            return {name: CGROUP_ROOT / relative for name in ("cpu", "memory", "pids", "unified")}
-        return {name: CGROUP_ROOT / name / relative for name in ("cpu", "cpuacct", "memory", "pids") if self.has(name)}
+            return {name: self.root / relative for name in ("cpu", "memory", "pids", "unified")}
+        return {name: self.root / name / relative for name in ("cpu", "cpuacct", "memory", "pids") if self.has(name)}
 
     def oom_files(self, cgroups_path: str) -> list[str]:
         relative = cgroups_path.strip("/")
         if self.unified:
-            return [str(CGROUP_ROOT / relative / "memory.events")]
-        return [str(CGROUP_ROOT / "memory" / relative / "memory.oom_control")]
+            return [str(self.root / relative / "memory.events")]
+        return [str(self.root / "memory" / relative / "memory.oom_control")]
 
     def swap_supported(self) -> bool:
         if self.unified:
             return True
-        return (CGROUP_ROOT / "memory" / "memory.memsw.limit_in_bytes").exists()
+        return (self.root / "memory" / "memory.memsw.limit_in_bytes").exists()
 
 
 @dataclass
