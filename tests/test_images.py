@@ -319,16 +319,26 @@ def test_two_concurrent_pulls_do_the_work_once(stack: Stack, registry: Registry)
     assert os.listdir(store_dir(stack) / "tmp") == []
 
 
-def test_tampered_blob_fails_and_leaves_the_store_unchanged(stack: Stack, registry: Registry) -> None:
+@pytest.mark.parametrize("tampered", ["layer", "config", "manifest"])
+def test_tampered_content_fails_and_leaves_the_store_unchanged(
+    stack: Stack, registry: Registry, pulled_busybox: PushedImage, tampered: str
+) -> None:
+    # The busybox layer is already in the store (pulled_busybox), so the
+    # intact first layer adds nothing and the store must not change at all.
     image = build_and_push(registry, unique("pyrio/tampered"), "v1", layers=[busybox_layer(), tar_layer([File("payload", os.urandom(1 << 20))])])
-    blob = registry.blob_data_path(image.layer_digests[1])
+    digest = {"layer": image.layer_digests[1], "config": image.config_digest, "manifest": image.manifest_digest}[tampered]
+    blob = registry.blob_data_path(digest)
     data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    if tampered == "layer":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        # Still valid JSON, so only the digest check can notice.
+        data = bytearray(json.dumps(json.loads(bytes(data)), indent=3).encode())
     blob.write_bytes(bytes(data))
     before = store_snapshot(stack)
     error = pull_error(stack, image.reference)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "digest mismatch" in error.details() and image.layer_digests[1] in error.details()
+    assert "mismatch" in error.details() and digest in error.details()
     assert store_snapshot(stack) == before
     assert not status(stack, image.reference).HasField("image")
 

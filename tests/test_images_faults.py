@@ -39,6 +39,9 @@ class SlowProxy:
         self.delay = 0.0
         self.stall_after: int | None = None
         self.sent_blob_bytes = 0
+        self.active_blob_downloads = 0
+        self.most_concurrent_blob_downloads = 0
+        self._count_lock = threading.Lock()
         self.stop_event = threading.Event()
         proxy = self
 
@@ -60,18 +63,28 @@ class SlowProxy:
                 self.send_header("Connection", "close")
                 self.end_headers()
                 is_blob = "/blobs/" in self.path and method == "GET"
+                counted = is_blob and proxy.download_started()
+                length = int(response.getheader("Content-Length") or -1)
                 sent = 0
-                while chunk := response.read(65536):
-                    if is_blob and proxy.stall_after is not None and sent >= proxy.stall_after:
-                        proxy.stop_event.wait(120)
-                        break
-                    self.wfile.write(chunk)
-                    sent += len(chunk)
-                    if is_blob:
-                        proxy.sent_blob_bytes += len(chunk)
-                        if proxy.delay:
-                            time.sleep(proxy.delay)
-                connection.close()
+                try:
+                    while chunk := response.read(65536):
+                        if counted and sent + len(chunk) >= length:
+                            # Finished as the last bytes go out: imaged may
+                            # start its next download the instant it has them.
+                            counted = proxy.download_finished()
+                        if is_blob and proxy.stall_after is not None and sent >= proxy.stall_after:
+                            proxy.stop_event.wait(120)
+                            break
+                        self.wfile.write(chunk)
+                        sent += len(chunk)
+                        if is_blob:
+                            proxy.sent_blob_bytes += len(chunk)
+                            if proxy.delay:
+                                time.sleep(proxy.delay)
+                finally:
+                    if counted:
+                        proxy.download_finished()
+                    connection.close()
                 self.close_connection = True
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -84,6 +97,17 @@ class SlowProxy:
         self.server.daemon_threads = True
         self.host = f"127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def download_started(self) -> bool:
+        with self._count_lock:
+            self.active_blob_downloads += 1
+            self.most_concurrent_blob_downloads = max(self.most_concurrent_blob_downloads, self.active_blob_downloads)
+        return True
+
+    def download_finished(self) -> bool:
+        with self._count_lock:
+            self.active_blob_downloads -= 1
+        return False
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -156,6 +180,15 @@ def test_https_with_a_configured_ca_and_insecure(fault_stack: Stack, registry: R
     insecure_name = f"localhost:{tls_registry.host.split(':')[1]}/{image.repository}:v1"
     assert pull(fault_stack, insecure_name) == image.config_digest
     assert insecure_name in image_status(fault_stack, insecure_name).image.repo_tags
+
+
+def test_layers_download_concurrently_within_the_bound(fault_stack: Stack, registry: Registry, proxy: SlowProxy) -> None:
+    layers = [tar_layer([File(f"layer{index}", os.urandom(1 << 20))]) for index in range(5)]
+    image = build_and_push(registry, f"pyrio/parallel-{uuid.uuid4().hex[:8]}", "v1", layers=layers)
+    proxy.delay = 0.01
+    assert pull(fault_stack, f"{proxy.host}/{image.repository}:v1") == image.config_digest
+    # max_concurrent_downloads is 2 in this stack.
+    assert proxy.most_concurrent_blob_downloads == 2
 
 
 def test_stalled_download_is_an_error_not_a_hang(fault_stack: Stack, registry: Registry, proxy: SlowProxy) -> None:

@@ -409,13 +409,16 @@ class RegistryClient:
                     break
                 size += len(chunk)
                 if expected_size is not None and size > expected_size:
-                    raise FailedPrecondition(f"{what}: registry sent more than the {expected_size} bytes the manifest declares")
+                    raise FailedPrecondition(
+                        f"{what}: size mismatch, the registry sent more than the {expected_size} bytes the manifest "
+                        "declares; nothing was stored"
+                    )
                 hasher.update(chunk)
                 destination.write(chunk)
         finally:
             response.close()
         if expected_size is not None and size != expected_size:
-            raise FailedPrecondition(f"{what}: got {size} bytes, the manifest declares {expected_size}")
+            raise FailedPrecondition(f"{what}: size mismatch, got {size} bytes, the manifest declares {expected_size}; nothing was stored")
         if hasher.hexdigest() != expected_hex:
             raise FailedPrecondition(
                 f"{what}: digest mismatch, content is {algorithm}:{hasher.hexdigest()}; "
