@@ -102,8 +102,8 @@ class Containers:
             **fields,
         )
         if linux is not None:
-            config.linux.CopyFrom(linux)
-        if not config.linux.security_context.namespace_options.pid:
+            config.linux.CopyFrom(linux)  # its PID mode as given (POD is 0, the default)
+        else:
             config.linux.security_context.namespace_options.pid = api_pb2.CONTAINER
         return config
 

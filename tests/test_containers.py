@@ -443,3 +443,27 @@ def test_seccomp_profiles(containers: Containers, tmp_path: Path) -> None:
     missing.security_context.seccomp.localhost_ref = str(tmp_path / "absent.json")
     error = rpc_error(containers.create, pod, containers.config("missing", linux=missing))
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_pid_namespace_per_container_pod_and_node(containers: Containers) -> None:
+    shared_pod = containers.pod(pid_mode=api_pb2.POD)
+    pod_ns = api_pb2.LinuxContainerConfig()
+    pod_ns.security_context.namespace_options.pid = api_pb2.POD
+    containers.run(shared_pod, "sleeper", command=["sh", "-c", "exec sleep 301"], linux=pod_ns)
+    time.sleep(0.3)
+    sees_pod = containers.run(shared_pod, "looker", command=["ps", "-o", "args"], linux=pod_ns)
+    assert "sleep 301" in containers.output(sees_pod)
+    own = containers.run(shared_pod, "own", command=["ps", "-o", "pid,args"])  # CONTAINER (the fixture's default)
+    assert "sleep 301" not in containers.output(own) and containers.output(own).splitlines()[1].split()[0] == "1"
+    node_ns = api_pb2.LinuxContainerConfig()
+    node_ns.security_context.namespace_options.pid = api_pb2.NODE
+    host = containers.run(shared_pod, "host", command=["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '"], linux=node_ns)
+    assert containers.output(host).strip() == Path("/proc/1/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def test_device_entries(containers: Containers) -> None:
+    container_id = containers.run(
+        command=["sh", "-c", "stat -c '%F %t,%T' /dev/pyrio-null; echo hi > /dev/pyrio-null && echo written"],
+        devices=[api_pb2.Device(container_path="/dev/pyrio-null", host_path="/dev/null", permissions="rwm")],
+    )
+    assert containers.output(container_id).splitlines() == ["character special file 1,3", "written"]
