@@ -185,7 +185,7 @@ class RegistryClient:
         self._challenge: _Challenge | None = None
         self._token = ""
         self._lock = threading.Lock()
-        self._tls = self._ssl_context() if "https" in endpoint.schemes else None
+        self._tls: ssl.SSLContext | None = None
 
     @property
     def name(self) -> str:
@@ -199,11 +199,18 @@ class RegistryClient:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
             return context
-        return ssl.create_default_context(cafile=self.endpoint.ca_file or None)
+        try:
+            return ssl.create_default_context(cafile=self.endpoint.ca_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise FailedPrecondition(
+                f"registry {self.endpoint.host}: cannot load its ca_file {self.endpoint.ca_file!r}: {exc}"
+            ) from None
 
     def _connection(self, scheme: str, host: str) -> http.client.HTTPConnection:
         if scheme == "https":
-            return http.client.HTTPSConnection(host, timeout=self.timeout, context=self._tls or self._ssl_context())
+            if self._tls is None:
+                self._tls = self._ssl_context()
+            return http.client.HTTPSConnection(host, timeout=self.timeout, context=self._tls)
         return http.client.HTTPConnection(host, timeout=self.timeout)
 
     def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> http.client.HTTPResponse:
