@@ -30,7 +30,7 @@ CONTAINER_CREATED, CONTAINER_RUNNING, CONTAINER_EXITED = api_pb2.CONTAINER_CREAT
 class TestImages:
     busybox: PushedImage
     entrypoint: PushedImage  # Entrypoint ["echo", "ep"], Cmd ["from-cmd"]
-    env_user: PushedImage  # Env FROM_IMAGE/OVERRIDE, User "app", WorkingDir /home/app, StopSignal SIGUSR1
+    env_user: PushedImage  # Env FROM_IMAGE/OVERRIDE, User "app", WorkingDir /home/app, StopSignal SIGUSR1, Volume /data
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +46,8 @@ def test_images(registry: Any, busybox_image: PushedImage) -> TestImages:
                 "Env": ["FROM_IMAGE=image", "OVERRIDE=image", "PATH=/usr/local/bin:/usr/bin:/bin"],
                 "User": "app",
                 "WorkingDir": "/home/app",
+                "StopSignal": "SIGUSR1",
+                "Volumes": {"/data": {}},
             },
         ),
     )

@@ -467,3 +467,15 @@ def test_device_entries(containers: Containers) -> None:
         devices=[api_pb2.Device(container_path="/dev/pyrio-null", host_path="/dev/null", permissions="rwm")],
     )
     assert containers.output(container_id).splitlines() == ["character special file 1,3", "written"]
+
+
+def test_image_stop_signal_and_volumes(containers: Containers) -> None:
+    container_id = containers.run(
+        image=containers.images.env_user.reference,
+        command=["sh", "-c", "test -d /data && echo has-data; trap 'echo got-usr1; exit 7' USR1; while true; do sleep 0.1; done"],
+    )
+    wait_for_log(containers, container_id, "has-data")
+    time.sleep(0.3)
+    containers.stop(container_id, timeout=20)
+    status = containers.status(container_id).status
+    assert status.exit_code == 7 and "got-usr1" in containers.log_text(container_id)

@@ -138,8 +138,10 @@ class ShimDaemon:
         if not container_id:
             raise InvalidArgument("container_id must not be empty")
         record = self.store.get(container_id)
-        if record.get("phase") in (PHASE_CREATING, PHASE_REMOVING):
-            raise NotFound(f"container {container_id!r} not found (it is being {record['phase'][:-3]}ed)")
+        if record.get("phase") == PHASE_CREATING:
+            raise NotFound(f"container {container_id!r} not found (it is still being created)")
+        if record.get("phase") == PHASE_REMOVING:
+            raise NotFound(f"container {container_id!r} not found (it is being removed)")
         return record
 
     def _runtime(self, record: dict[str, Any], *args: str, timeout: float = 30.0, check: bool = True,
