@@ -49,11 +49,12 @@ def test_schema1_is_refused_clearly() -> None:
 
 
 def test_platform_selection_prefers_the_variant() -> None:
+    v6, v7 = "sha256:" + "6" * 64, "sha256:" + "7" * 64
     index = {"manifests": [
-        {"digest": "sha256:v6", "mediaType": "application/vnd.oci.image.manifest.v1+json", "platform": {"os": "linux", "architecture": "arm", "variant": "v6"}},
-        {"digest": "sha256:v7", "mediaType": "application/vnd.oci.image.manifest.v1+json", "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
+        {"digest": v6, "mediaType": "application/vnd.oci.image.manifest.v1+json", "platform": {"os": "linux", "architecture": "arm", "variant": "v6"}},
+        {"digest": v7, "mediaType": "application/vnd.oci.image.manifest.v1+json", "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
     ]}
-    assert select_platform(index, Platform("linux", "arm", "v7"), "x")["digest"] == "sha256:v7"
+    assert select_platform(index, Platform("linux", "arm", "v7"), "x")["digest"] == v7
     with pytest.raises(NotFound, match="linux/amd64"):
         select_platform(index, Platform("linux", "amd64"), "x")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ ZSTD_LAYERS = ("application/vnd.oci.image.layer.v1.tar+zstd", "application/vnd.o
 PLAIN_LAYERS = ("application/vnd.oci.image.layer.v1.tar", "application/vnd.oci.image.layer.nondistributable.v1.tar")
 LAYER_TYPES = GZIP_LAYERS + ZSTD_LAYERS + PLAIN_LAYERS
 
+_DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 _ARCHITECTURES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm",
                   "armv6l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x",
                   "riscv64": "riscv64"}
@@ -100,6 +102,8 @@ def select_platform(index: dict[str, Any], wanted: Platform, what: str) -> dict[
     candidates = []
     seen = []
     for entry in index.get("manifests") or []:
+        if not isinstance(entry, dict) or not _DIGEST.match(str(entry.get("digest", ""))):
+            continue
         entry_platform = entry.get("platform") or {}
         seen.append(str(Platform(entry_platform.get("os", "?"), entry_platform.get("architecture", "?"), entry_platform.get("variant", ""))))
         if entry_platform.get("os") != wanted.os or entry_platform.get("architecture") != wanted.architecture:
@@ -120,6 +124,8 @@ def layer_descriptors(manifest: dict[str, Any], what: str) -> list[dict[str, Any
     if not isinstance(layers, list):
         raise FailedPrecondition(f"{what}: manifest has no layers list")
     for layer in layers:
+        if not isinstance(layer, dict) or not _DIGEST.match(str(layer.get("digest", ""))):
+            raise FailedPrecondition(f"{what}: a layer descriptor has no valid digest")
         if layer.get("mediaType") not in LAYER_TYPES:
             raise FailedPrecondition(f"{what}: unsupported layer media type {layer.get('mediaType')!r}")
     return layers
