@@ -544,7 +544,14 @@ class ShimDaemon:
         pid_file = str(self.store.directory(record["id"]) / f"exec-{new_id()[:16]}.pid")
         request = {"op": "exec", "cmd": command, "timeout": timeout, "pid_file": pid_file, "max_output": EXEC_OUTPUT_LIMIT}
         wait = (timeout + STOP_MARGIN_SECONDS) if timeout > 0 else max(call.remaining(), 1.0)
-        reply = shim_request(self.store.control_socket(record["id"]), request, wait)
+        try:
+            reply = shim_request(self.store.control_socket(record["id"]), request, wait)
+        except Unavailable:
+            # The container ended (and its shim with it) after the check above.
+            state, _ = self.store.state(record)
+            if state == RUNNING:
+                raise
+            raise FailedPrecondition(f"cannot exec in container {record['id'][:12]}: it exited") from None
         if reply.get("timed_out"):
             raise DeadlineExceeded(f"command {command!r} timed out after {timeout:g}s and was killed")
         return {
