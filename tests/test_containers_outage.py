@@ -68,3 +68,23 @@ def log_ticks(containers: Containers) -> int:
     files = list(containers.log_root.rglob("main.log"))
     assert files, "no log file"
     return files[0].read_text().count("tick")
+
+
+def test_container_survives_restart_of_supervisord(fresh_containers: Containers) -> None:
+    containers = fresh_containers
+    stack = containers.stack
+    container_id = containers.run(command=["sh", "-c", "while true; do echo tick; sleep 0.2; done"])
+    wait_for_log(containers, container_id, "tick")
+    info = containers.info(container_id)
+    assert stack.supervisord is not None
+    # Stopping supervisord stops every service (SIGTERM to each daemon's pid only).
+    stack.supervisord.send_signal(signal.SIGTERM)
+    stack.supervisord.wait(60)
+    os.kill(info["pid"], 0)
+    os.kill(info["shim_pid"], 0)
+    stack.start()
+    status = containers.status(container_id).status
+    assert status.state == CONTAINER_RUNNING and containers.info(container_id)["pid"] == info["pid"]
+    assert containers.exec(container_id, "echo", "after-restart").stdout == b"after-restart\n"
+    containers.stop(container_id, 0)
+    assert containers.status(container_id).status.exit_code == 137
