@@ -266,3 +266,40 @@ def test_restarted_imaged_keeps_images_and_root_filesystems(fault_stack: Stack, 
         client.call("rootfs.remove", {"container_id": container_id}, idempotent=True)
         client.close()
     assert not merged.exists()
+
+
+def test_imaged_killed_mid_unpack_leaves_no_half_layer(fault_stack: Stack, registry: Registry) -> None:
+    # Many small files: unpacking takes seconds, downloading an instant.
+    entries = [File(f"files/{index:05d}", b"x" * 100) for index in range(12000)]
+    image = build_and_push(registry, f"pyrio/unpack-{uuid.uuid4().hex[:8]}", "v1", layers=[tar_layer(entries)])
+    diff_hex = image.config["rootfs"]["diff_ids"][0].split(":")[1]
+    errors: list[grpc.RpcError] = []
+
+    def background_pull() -> None:
+        try:
+            pull(fault_stack, image.reference)
+        except grpc.RpcError as exc:
+            errors.append(exc)
+
+    puller = threading.Thread(target=background_pull)
+    puller.start()
+    tmp = store(fault_stack) / "tmp"
+
+    def unpacking() -> bool:
+        for entry in os.listdir(tmp):
+            files = tmp / entry / "diff" / "files"
+            if entry.startswith("layer-") and files.is_dir() and len(os.listdir(files)) > 500:
+                return True
+        return False
+
+    wait_until(unpacking, timeout=60, interval=0.01, what="an unpack in progress")
+    pid = fault_stack.service_pid("imaged")
+    os.kill(pid, signal.SIGKILL)
+    puller.join(60)
+    assert errors, "the pull finished before imaged was killed"
+    fault_stack.wait_service_running("imaged")
+    fault_stack.wait_ready()
+    assert os.listdir(tmp) == []
+    assert diff_hex not in os.listdir(store(fault_stack) / "layers")
+    assert pull(fault_stack, image.reference) == image.config_digest
+    assert len(os.listdir(store(fault_stack) / "layers" / diff_hex / "diff" / "files")) == 12000
