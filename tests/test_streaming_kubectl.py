@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -298,3 +299,42 @@ def test_kubectl_exec_and_attach_through_pyrio(cri_apiserver, kubectl_env: dict[
     from cri_api.v1 import api_pb2
 
     assert containers.status(container_id).status.state == api_pb2.CONTAINER_RUNNING
+
+
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_kubectl_exec_tty_gets_the_terminal_size(apiserver: StandInApiServer, kubectl_env: dict[str, str], transport: str) -> None:
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+    process = subprocess.Popen(
+        [KUBECTL, f"--server={apiserver.url}", "--cache-dir", str(Path(kubectl_env["HOME"]) / "cache"), "-n", "default",
+         "exec", "-it", "target", "--", "stty", "size"],
+        env={**kubectl_env, "KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "true" if transport == "websocket" else "false"},
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    output = b""
+    try:
+        deadline = time.monotonic() + 30
+        while process.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    output += os.read(master, 4096)
+                except OSError:
+                    break
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    assert b"33 111" in output, output
+    assert process.returncode == 0

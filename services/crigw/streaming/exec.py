@@ -12,6 +12,7 @@ When the client goes away the process (and whatever it started) is killed.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import pty
@@ -27,6 +28,7 @@ from typing import Any
 
 import psutil
 
+from common.errors import FailedPrecondition
 from services.crigw.streaming.remotecommand import RemoteStreams
 
 log = logging.getLogger("pyrio.crigw.streaming.exec")
@@ -76,6 +78,7 @@ def reap_orphaned_execs(pid_dir: Path) -> list[int]:
         except (OSError, ValueError, psutil.Error):
             pass
         pid_file.unlink(missing_ok=True)
+        pid_file.with_suffix(".json").unlink(missing_ok=True)
     return killed
 
 
@@ -124,12 +127,10 @@ class ExecSession:
         self.runtime_id = str(exec_info["runtime_id"])
         self.cmd = cmd
         self.pid_file = pid_dir / f"exec-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.pid"
+        self.process_file = self.pid_file.with_suffix(".json")
 
-    def _argv(self, tty: bool) -> list[str]:
-        argv = [self.runtime_path, "--root", self.runtime_root, "exec", "--pid-file", str(self.pid_file)]
-        if tty:
-            argv.append("--tty")
-        return argv + [self.runtime_id, *self.cmd]
+    def _argv(self) -> list[str]:
+        return [self.runtime_path, "--root", self.runtime_root, "exec", "--pid-file", str(self.pid_file), self.runtime_id, *self.cmd]
 
     def run(self, streams: RemoteStreams, cancelled: threading.Event) -> int:
         """Run to completion; the exit code. Kills the process if `cancelled` is set first."""
@@ -140,6 +141,7 @@ class ExecSession:
             return self._run_pipes(streams, cancelled)
         finally:
             self.pid_file.unlink(missing_ok=True)
+            self.process_file.unlink(missing_ok=True)
 
     def _wait(self, process: subprocess.Popen, cancelled: threading.Event) -> int:
         while process.poll() is None:
@@ -164,7 +166,7 @@ class ExecSession:
     def _run_pipes(self, streams: RemoteStreams, cancelled: threading.Event) -> int:
         pipe = subprocess.PIPE
         process = subprocess.Popen(
-            self._argv(tty=False),
+            self._argv(),
             stdin=pipe if streams.stdin else subprocess.DEVNULL,
             stdout=pipe if streams.stdout else subprocess.DEVNULL,
             stderr=pipe if streams.stderr else subprocess.DEVNULL,
@@ -193,10 +195,34 @@ class ExecSession:
                 source.close()
         return code
 
+    def _tty_process(self, size: tuple[int, int] | None) -> list[str]:
+        """`exec --process` with the container's own process spec, our command and the console size.
+
+        The size must be on the console before the command starts (runc sets
+        process.consoleSize when it makes the pty), or a quick `stty size`
+        would read 0 0: runc copies our size over only after starting it.
+        """
+        state = subprocess.run(
+            [self.runtime_path, "--root", self.runtime_root, "state", self.runtime_id],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if state.returncode != 0:
+            raise FailedPrecondition(f"container {self.runtime_id}: {state.stderr.strip() or 'no runtime state'}")
+        spec = json.loads((Path(json.loads(state.stdout)["bundle"]) / "config.json").read_text())
+        process = dict(spec["process"], args=self.cmd, terminal=True)
+        if size is not None:
+            process["consoleSize"] = {"width": size[0], "height": size[1]}
+        self.process_file.write_text(json.dumps(process))
+        return [self.runtime_path, "--root", self.runtime_root, "exec", "--pid-file", str(self.pid_file),
+                "--process", str(self.process_file), self.runtime_id]
+
     def _run_tty(self, streams: RemoteStreams, cancelled: threading.Event) -> int:
         master, slave = pty.openpty()
         process: subprocess.Popen | None = None
-        started = threading.Event()
+        first_size: list[tuple[int, int]] = []
+        sized = threading.Event()
         sizes = streams.resizes()
 
         def apply_resizes() -> None:
@@ -207,14 +233,20 @@ class ExecSession:
                     return
                 if process is not None and process.poll() is None:
                     os.kill(process.pid, signal.SIGWINCH)
-                started.set()
+                if not sized.is_set():
+                    first_size.append((width, height))
+                    sized.set()
 
         resizer = threading.Thread(target=apply_resizes, daemon=True)
         resizer.start()
         if streams.resize is not None:
-            started.wait(FIRST_SIZE_WAIT_SECONDS)
+            sized.wait(FIRST_SIZE_WAIT_SECONDS)
         try:
-            process = subprocess.Popen(self._argv(tty=True), stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+            argv = self._tty_process(first_size[0] if first_size else None)
+            process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        except BaseException:
+            os.close(master)
+            raise
         finally:
             os.close(slave)
         exited = threading.Event()
