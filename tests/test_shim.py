@@ -382,3 +382,32 @@ def test_cgroup_v1_layout_rejects_unified_resources(tmp_path: Path) -> None:
     assert "swap" not in oci_spec.oci_resources({"memory_limit_in_bytes": 1 << 26}, layout)["memory"]
     with pytest.raises(InvalidArgument):
         oci_spec.oci_resources({"unified": {"memory.high": "1"}}, layout)
+
+
+def test_attach_pipes_stdin_once_and_streams(env: Env) -> None:
+    import socket as socket_module
+
+    container_id = env.run("pipes", command=["sh", "-c", "cat; echo to-err >&2; echo stdin-closed"], stdin=True, stdin_once=True)
+    info = env.call("attach_info", container_id=container_id)
+    assert info["running"] and not info["tty"] and info["stdin_once"]
+    client = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_SEQPACKET)
+    client.connect(info["attach_socket"])
+    client.send(b"echoed-back\n")
+    client.shutdown(socket_module.SHUT_WR)  # stdin EOF
+    packets = []
+    client.settimeout(10)
+    while True:
+        packet = client.recv(65536)
+        if not packet:
+            break  # the shim closes attach connections when the container exits
+        packets.append(packet)
+    client.close()
+    stdout = b"".join(p[1:] for p in packets if p[:1] == b"\x02")
+    stderr = b"".join(p[1:] for p in packets if p[:1] == b"\x03")
+    assert stdout == b"echoed-back\nstdin-closed\n" and stderr == b"to-err\n"
+    assert env.wait_exited(container_id)["exit_code"] == 0
+    # Attached output also went to the log.
+    assert [line.split(" ", 1)[1] for line in env.log_lines("pipes")][0] == "stdout F echoed-back"
+    with pytest.raises(FailedPrecondition):
+        env.call("resize", container_id=container_id, width=10, height=10)
+    env.call("remove", container_id=container_id)

@@ -204,6 +204,8 @@ class Shim:
         self.stdin_fd = -1
         self.stdin_pending = b""
         self.attach_clients: dict[int, socket.socket] = {}
+        # Clients that shut down their sending side: they still get output.
+        self.attach_input_done: set[int] = set()
         self.stop_waiters: list[list[Any]] = []  # [conn, deadline, killed]
         self.control: socket.socket | None = None
         self.attach: socket.socket | None = None
@@ -360,7 +362,8 @@ class Shim:
             entries.append((self.stdin_fd, select.POLLOUT))
         if len(self.stdin_pending) < READ_CHUNK * 16:
             for fd in self.attach_clients:
-                entries.append((fd, select.POLLIN))
+                # A half-closed client is still watched for POLLHUP (gone for good).
+                entries.append((fd, 0 if fd in self.attach_input_done else select.POLLIN))
         merged: dict[int, int] = {}
         for fd, mask in entries:
             merged[fd] = merged.get(fd, 0) | mask
@@ -399,7 +402,11 @@ class Shim:
             if fd in self.outputs and event & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 self.read_output(fd)
         elif fd in self.attach_clients:
-            self.read_attach_client(fd)
+            if fd in self.attach_input_done:
+                if event & (select.POLLHUP | select.POLLERR):
+                    self.drop_attach_client(fd)
+            else:
+                self.read_attach_client(fd)
 
     # --- container output -----------------------------------------------
 
@@ -413,7 +420,10 @@ class Shim:
         if not data:
             self.close_output(fd)
             return
-        stream = self.outputs[fd]
+        self.forward(self.outputs[fd], data)
+
+    def forward(self, stream: bytes, data: bytes) -> None:
+        """Output goes to the log, and to every attached client."""
         self.log.write(stream, data)
         if self.attach_clients:
             packet = (STREAM_STDOUT if stream == b"stdout" else STREAM_STDERR) + data
@@ -437,7 +447,7 @@ class Shim:
                 if not data:
                     self.close_output(fd)
                     break
-                self.log.write(self.outputs[fd], data)
+                self.forward(self.outputs[fd], data)
 
     def close_output(self, fd: int) -> None:
         stream = self.outputs.pop(fd)
@@ -462,13 +472,15 @@ class Shim:
                 self.stdin_pending += data
                 self.flush_stdin()
             return
-        # The client shut down its sending side: stdin EOF for stdin_once.
-        self.drop_attach_client(fd)
+        # The client shut down its sending side (stdin EOF for stdin_once);
+        # it keeps receiving output until it closes or the container exits.
+        self.attach_input_done.add(fd)
         if self.stdin_once:
             self.close_stdin()
 
     def drop_attach_client(self, fd: int) -> None:
         client = self.attach_clients.pop(fd, None)
+        self.attach_input_done.discard(fd)
         if client is not None:
             client.close()
 
