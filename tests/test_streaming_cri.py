@@ -270,3 +270,21 @@ def test_exec_sessions_do_not_outlive_a_killed_gateway(fresh_containers: Contain
     stack.wait_ready()
     wait_until(lambda: not processes_matching(containers, container_id, "6161"), 20, what="the dead gateway's exec to be killed")
     session.client.close()
+
+
+def test_attach_stdin_once_closes_the_containers_stdin(containers: Containers) -> None:
+    container_id = containers.run(command=["sh", "-c", "cat; echo stdin closed"], stdin=True, stdin_once=True)
+    containers.wait_state(container_id, api_pb2.CONTAINER_RUNNING)
+    url = containers.runtime.Attach(
+        api_pb2.AttachRequest(container_id=container_id, stdin=True, stdout=True, stderr=True), timeout=20
+    ).url
+    session = open_remote_command(url, stdin=True, stdout=True, stderr=True)
+    assert session.stdin is not None
+    session.stdin.write(b"through attach\n")
+    session.read_stdout_until(b"through attach\n")
+    session.stdin.close()
+    result = session.finish()
+    assert result.stdout == b"through attach\nstdin closed\n"
+    assert result.exit_code == 0
+    containers.wait_exited(container_id)
+    assert "stdout:through attach" in containers.log_contents(container_id)
