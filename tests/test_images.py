@@ -181,6 +181,38 @@ def test_missing_tag_and_repository_are_not_found(stack: Stack, registry: Regist
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_schema1_manifest_is_refused_clearly(stack: Stack) -> None:
+    """docker-registry no longer serves schema 1, so a tiny fake registry does."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    manifest = json.dumps({"schemaVersion": 1, "name": "old/image", "tag": "v1", "architecture": "amd64",
+                           "fsLayers": [], "history": [], "signatures": []}).encode()
+
+    class Schema1Registry(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            body, content_type = (b"{}", "application/json")
+            if self.path == "/v2/old/image/manifests/v1":
+                body, content_type = manifest, "application/vnd.docker.distribution.manifest.v1+prettyjws"
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Schema1Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        error = pull_error(stack, f"127.0.0.1:{server.server_address[1]}/old/image:v1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "schema 1" in error.details()
+
+
 def test_user_env_and_verbose_config(stack: Stack, registry: Registry) -> None:
     named = build_and_push(registry, unique("pyrio/user"), "v1", config={"User": "app", "Env": ["GREETING=hello"], "WorkingDir": "/home/app"})
     numeric = build_and_push(registry, unique("pyrio/uid"), "v1", config={"User": "1000:1000"})
