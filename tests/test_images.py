@@ -542,3 +542,21 @@ def test_shared_busybox_image_works(pulled_busybox: PushedImage, imaged: RpcClie
     )
     assert result.returncode == 0, result.stderr
     assert "hello" in result.stdout and "uid=1000(app) gid=1000(app)" in result.stdout
+
+
+def test_a_damaged_store_heals_on_the_next_pull(stack: Stack, registry: Registry, imaged: RpcClient, rootfs_cleanup: list[str]) -> None:
+    import shutil
+
+    from common.errors import FailedPrecondition
+
+    image = build_and_push(registry, unique("pyrio/heal"), "v1", layers=[tar_layer([File("healed", b"yes")])])
+    pull(stack, image.reference)
+    diff_hex = image.config["rootfs"]["diff_ids"][0].split(":")[1]
+    shutil.rmtree(store_dir(stack) / "layers" / diff_hex)  # as a disk fault or an operator would
+    container_id = uuid.uuid4().hex * 2
+    with pytest.raises(FailedPrecondition, match="incomplete.*pull it again"):
+        imaged.call("rootfs.prepare", {"container_id": container_id, "image": image.reference})
+    pull(stack, image.reference)
+    rootfs_cleanup.append(container_id)
+    merged = Path(imaged.call("rootfs.prepare", {"container_id": container_id, "image": image.reference})["rootfs"])
+    assert (merged / "healed").read_text() == "yes"

@@ -271,6 +271,12 @@ class ImageDaemon:
             if record is None:
                 raise NotFound(f"image {image_text!r} is not present: pull it first")
             existing = self.store.get_container(container_id)
+            missing = [diff_id for diff_id in record["layers"] if not self.store.has_layer(diff_id)]
+            if missing:
+                raise FailedPrecondition(
+                    f"image {image_text!r} is incomplete in the store ({len(missing)} layer(s) missing, "
+                    f"first {missing[0]}): pull it again"
+                )
             if existing is not None and existing["image_id"] != record["id"]:
                 raise AlreadyExists(f"container {container_id} already has a root filesystem from image {existing['image_id']}")
             container = existing or {
