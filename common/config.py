@@ -249,6 +249,13 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: image.pull_progress_timeout must be positive")
     if not 0 <= config.streaming.port <= 65535:
         raise ConfigError(f"{source}: streaming.port must be between 0 and 65535")
+    for name in ("token_ttl", "stream_idle_timeout"):
+        if getattr(config.streaming, name) <= 0:
+            raise ConfigError(f"{source}: streaming.{name} must be positive")
+    if config.streaming.max_concurrent_streams < 1:
+        raise ConfigError(f"{source}: streaming.max_concurrent_streams must be at least 1")
+    if bool(config.streaming.tls_cert_file) != bool(config.streaming.tls_key_file):
+        raise ConfigError(f"{source}: streaming.tls_cert_file and streaming.tls_key_file go together")
     if config.runtime.shm_size < 0:
         raise ConfigError(f"{source}: runtime.shm_size must not be negative")
 

@@ -151,3 +151,23 @@ def test_tls_streaming(streaming_target, tmp_path) -> None:
         assert spdy_exec(url, stdin=payload).stdout == payload
     finally:
         streaming.server.stop()
+
+
+def test_streaming_config_is_checked(tmp_path) -> None:
+    from common.config import ConfigError, load_config
+    from common.config import StreamingSection
+    from services.crigw.streaming.server import StreamingServer
+
+    for bad in ("token_ttl = 0", "max_concurrent_streams = 0", 'tls_cert_file = "/x.pem"', "stream_idle_timeout = -1"):
+        path = tmp_path / "pyrio.toml"
+        path.write_text(f"[streaming]\n{bad}\n")
+        with pytest.raises(ConfigError, match="streaming"):
+            load_config(str(path))
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        with pytest.raises(RuntimeError, match="cannot serve on 127.0.0.1"):
+            StreamingServer(StreamingSection(port=busy.getsockname()[1]), backend=None).start()  # type: ignore[arg-type]
+    finally:
+        busy.close()

@@ -166,14 +166,21 @@ class StreamingServer:
         address = self.config.address
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((address, self.config.port))
-        listener.listen(128)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((address, self.config.port))
+            listener.listen(128)
+            if self.config.tls_cert_file:
+                self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
+                self._tls.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            listener.close()
+            raise RuntimeError(
+                f"streaming server cannot serve on {address}:{self.config.port}: {exc} "
+                "(check [streaming] address, port, tls_cert_file and tls_key_file)"
+            ) from exc
         self.port = listener.getsockname()[1]
-        if self.config.tls_cert_file:
-            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
-            self._tls.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file or None)
         self._listener = listener
         threading.Thread(target=self._accept_loop, name="streaming-accept", daemon=True).start()
         threading.Thread(target=self._idle_reaper, name="streaming-idle", daemon=True).start()
