@@ -278,7 +278,7 @@ class SpdyConnection:
                 self._read_frame()
         except (EOFError, OSError, ValueError):
             pass
-        except ProtocolError as exc:
+        except (ProtocolError, struct.error) as exc:
             log.warning("SPDY protocol error, closing the connection: %s", exc)
             self.go_away(GOAWAY_PROTOCOL_ERROR)
         finally:
