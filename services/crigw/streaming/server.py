@@ -269,6 +269,8 @@ class StreamingServer:
                 http_response(429, "Too Many Requests", [("Retry-After", "1")], body="too many concurrent streams\n")
             )
             return
+        started = time.monotonic()
+        stored = None
         try:
             stored = self.cache.consume(token, kind)
             if stored is None:
@@ -277,6 +279,12 @@ class StreamingServer:
             self._upgrade(sock, reader, request, kind, stored)
         finally:
             self._slots.release()
+            if stored is not None:
+                target = stored.get("container_id") or stored.get("pod_sandbox_id", "")
+                log.info(
+                    "stream session ended",
+                    extra={"kind": kind, "target": target, "duration_ms": round((time.monotonic() - started) * 1000, 1)},
+                )
 
     def _upgrade(self, sock: socket.socket, reader: BinaryIO, request: HttpRequest, kind: str, stored: dict) -> None:
         if request.is_upgrade("websocket"):
