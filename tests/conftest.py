@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures_pods",
     "tests.fixtures_containers",
     "tests.fixtures_streaming",
+    "tests.fixtures_faults",
 ]
 
 
