@@ -350,6 +350,9 @@ def test_stats_of_a_busy_container(containers: Containers) -> None:
     pod_stats = containers.runtime.PodSandboxStats(api_pb2.PodSandboxStatsRequest(pod_sandbox_id=pod[0])).stats
     assert pod_stats.attributes.id == pod[0] and pod_stats.linux.cpu.usage_core_nano_seconds.value > 100_000_000
     assert [c.attributes.id for c in pod_stats.linux.containers] == [busy]
+    assert pod_stats.linux.network.default_interface.name == "eth0"
+    assert pod_stats.linux.network.default_interface.HasField("rx_bytes")
+    assert pod_stats.linux.process.process_count.value >= 1
     all_pods = containers.runtime.ListPodSandboxStats(api_pb2.ListPodSandboxStatsRequest(
         filter=api_pb2.PodSandboxStatsFilter(id=pod[0]))).stats
     assert [item.attributes.id for item in all_pods] == [pod[0]]

@@ -54,6 +54,13 @@ def _pod_stats(sandbox: dict[str, Any], containers: list[dict[str, Any]]) -> api
             memory[field] = {"value": total}
     if memory:
         linux["memory"] = {"timestamp": now, **memory}
+    # Every container of a pod shares its network namespace: any one tells.
+    network = next((item["pod_network"] for item in containers if "pod_network" in item), None)
+    if network is not None:
+        linux["network"] = network
+    counts = [item["process_count"] for item in containers if "process_count" in item]
+    if counts:
+        linux["process"] = {"timestamp": now, "process_count": {"value": sum(counts)}}
     stats = {
         "attributes": {
             "id": sandbox["id"],

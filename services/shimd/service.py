@@ -624,6 +624,14 @@ class ShimDaemon:
         }
         stats.update(cgroup_stats.container_usage(self.layout, record.get("cgroups_path", "")))
         now = time.time_ns()
+        # Pod-level figures crigw's PodSandboxStats takes (not ContainerStats fields).
+        if self.store.init_alive(record):
+            network = cgroup_stats.network_usage(int(record["pid"]))
+            if network is not None:
+                stats["pod_network"] = network
+        count = cgroup_stats.process_count(self.layout, record.get("cgroups_path", ""))
+        if count is not None:
+            stats["process_count"] = count
         try:
             usage = self.imaged.call("rootfs.usage", {"container_id": record["id"]}, timeout=5.0, idempotent=True)
             stats["writable_layer"] = {
