@@ -155,6 +155,21 @@ def pull(stack: Stack, image: str, timeout: float = 120) -> str:
     return stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=timeout).image_ref
 
 
+def pull_in_background(stack: Stack, image: str) -> tuple[threading.Thread, list[grpc.RpcError]]:
+    """A started thread pulling `image`, and the list its error lands in."""
+    errors: list[grpc.RpcError] = []
+
+    def background_pull() -> None:
+        try:
+            pull(stack, image)
+        except grpc.RpcError as exc:
+            errors.append(exc)
+
+    puller = threading.Thread(target=background_pull)
+    puller.start()
+    return puller, errors
+
+
 def image_status(stack: Stack, image: str) -> api_pb2.ImageStatusResponse:
     return stack.images.ImageStatus(api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=image)), timeout=30)
 
@@ -209,16 +224,7 @@ def test_imaged_killed_mid_pull_then_clean_repull(fault_stack: Stack, registry: 
     image = build_and_push(registry, f"pyrio/killed-{uuid.uuid4().hex[:8]}", "v1", layers=layers)
     slow_name = f"{proxy.host}/{image.repository}:v1"
     proxy.delay = 0.02  # about 3 MiB/s: the pull takes seconds
-    errors: list[grpc.RpcError] = []
-
-    def background_pull() -> None:
-        try:
-            pull(fault_stack, slow_name)
-        except grpc.RpcError as exc:
-            errors.append(exc)
-
-    puller = threading.Thread(target=background_pull)
-    puller.start()
+    puller, errors = pull_in_background(fault_stack, slow_name)
     tmp = store(fault_stack) / "tmp"
     # Kill once some layer bytes are on imaged's disk, halfway through.
     wait_until(lambda: proxy.sent_blob_bytes > (2 << 20) and os.listdir(tmp), timeout=60, interval=0.02, what="a download in progress")
@@ -273,16 +279,7 @@ def test_imaged_killed_mid_unpack_leaves_no_half_layer(fault_stack: Stack, regis
     entries = [File(f"files/{index:05d}", b"x" * 100) for index in range(12000)]
     image = build_and_push(registry, f"pyrio/unpack-{uuid.uuid4().hex[:8]}", "v1", layers=[tar_layer(entries)])
     diff_hex = image.config["rootfs"]["diff_ids"][0].split(":")[1]
-    errors: list[grpc.RpcError] = []
-
-    def background_pull() -> None:
-        try:
-            pull(fault_stack, image.reference)
-        except grpc.RpcError as exc:
-            errors.append(exc)
-
-    puller = threading.Thread(target=background_pull)
-    puller.start()
+    puller, errors = pull_in_background(fault_stack, image.reference)
     tmp = store(fault_stack) / "tmp"
 
     def unpacking() -> bool:
