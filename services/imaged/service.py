@@ -222,25 +222,23 @@ class ImageDaemon:
         return {}
 
     def fs_info(self, _params: dict[str, Any], _call: CallContext) -> dict[str, Any]:
-        now = time.time_ns()
-        image_bytes = image_inodes = 0
+        """Usage of the store: layers, blobs, records and containers' writable
+        layers. Images and containers share one filesystem here, so both
+        lists carry the same entry, as CRI-O answers by default: a different
+        container mountpoint would tell the kubelet the disk is split."""
+        used_bytes = inodes_used = 0
         for directory in (self.store.layers, self.store.blobs, self.store.images, self.store.links):
             used, inodes = self.store.disk_usage(directory)
-            image_bytes += used
-            image_inodes += inodes
-        container_bytes = container_inodes = 0
+            used_bytes += used
+            inodes_used += inodes
         for record in self.store.list_containers():
+            # Only the upper dirs: walking merged/ would count the image again.
             used, inodes = self.rootfs.usage(record["container_id"])
-            container_bytes += used
-            container_inodes += inodes
-        return {
-            "image_filesystems": [
-                {"timestamp": now, "fs_id": {"mountpoint": str(self.store.root)}, "used_bytes": image_bytes, "inodes_used": image_inodes}
-            ],
-            "container_filesystems": [
-                {"timestamp": now, "fs_id": {"mountpoint": str(self.store.rootfs)}, "used_bytes": container_bytes, "inodes_used": container_inodes}
-            ],
-        }
+            used_bytes += used
+            inodes_used += inodes
+        usage = {"timestamp": time.time_ns(), "fs_id": {"mountpoint": str(self.store.root)},
+                 "used_bytes": used_bytes, "inodes_used": inodes_used}
+        return {"image_filesystems": [usage], "container_filesystems": [dict(usage)]}
 
     # --- root filesystems -------------------------------------------------------------
 
