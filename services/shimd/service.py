@@ -113,8 +113,7 @@ class ShimDaemon:
             "update_resources", "stats", "list_stats", "stop_all", "remove_all", "attach_info",
             "exec_info", "resize",
         ):
-            handler = getattr(self, verb)
-            server.register(f"container.{verb}", lambda params, call, handler=handler: handler(params, call))
+            server.register(f"container.{verb}", getattr(self, verb))
 
     def _finish_interrupted(self) -> None:
         """Records left half-made or half-removed by a shimd that was killed."""
