@@ -16,6 +16,7 @@ import socket
 import time
 from typing import Any
 
+from common import mounts
 from common.config import Config
 from common.errors import Internal, InvalidArgument, NotFound, PyrioError
 from common.ids import new_id
@@ -213,11 +214,21 @@ class SandboxManager:
         self.store.delete(record["id"])
 
     def recover(self) -> None:
-        """At start: tear down the sandboxes whose run was interrupted."""
+        """At start: tear down the sandboxes whose run was interrupted, and
+        mark NOTREADY the ready ones whose namespaces are gone (after a node
+        reboot): the kubelet then stops and removes them, and that releases
+        their IPs and port mappings with the cached CNI config."""
+        mounted = {os.path.realpath(point) for point in mounts.mount_points()}
         for record in self.store.all():
             if record["state"] == CREATING:
                 log.warning("cleaning up interrupted pod sandbox run", extra={"sandbox_id": record["id"]})
                 self._discard(record)
+            elif record["state"] == READY:
+                lost = _lost_namespace(record, mounted)
+                if lost:
+                    log.warning("pod sandbox lost its namespaces; it is not ready", extra={"sandbox_id": record["id"], "reason": lost})
+                    record["state"] = NOTREADY
+                    self.store.save(record)
 
     # --- StopPodSandbox / RemovePodSandbox -------------------------------------
 
@@ -252,17 +263,13 @@ class SandboxManager:
     # --- queries ----------------------------------------------------------------
 
     def status(self, given_id: str) -> dict[str, Any]:
-        record = self.store.get(self.store.resolve(given_id))
-        if record["state"] == READY and record["namespaces"]["network"] and not os.path.exists(
-            record["namespaces"]["network"]
-        ):
-            # The run dir was wiped (node reboot): the pod's namespaces are gone.
-            record["state"] = NOTREADY
-        return record
+        return _current(self.store.get(self.store.resolve(given_id)))
 
     def list(self, filter_: dict[str, Any]) -> list[dict[str, Any]]:
         return [
-            record for record in self.store.all() if record["state"] != CREATING and matches_filter(record, filter_)
+            record
+            for record in map(_current, self.store.all())
+            if record["state"] != CREATING and matches_filter(record, filter_)
         ]
 
     def check(self, given_id: str) -> None:
@@ -270,6 +277,29 @@ class SandboxManager:
         record = self.store.get(sandbox_id)
         if record["namespace_options"]["network"] == "POD" and record["state"] == READY:
             self.cni.check(sandbox_id)
+
+
+def _current(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as it stands now: a ready pod whose network namespace pin
+    vanished (the run dir was wiped under a running netd) is not ready."""
+    if record["state"] == READY and record["namespaces"]["network"] and not os.path.exists(
+        record["namespaces"]["network"]
+    ):
+        record["state"] = NOTREADY
+    return record
+
+
+def _lost_namespace(record: dict[str, Any], mounted: set[str]) -> str:
+    """Why a ready sandbox's namespaces are gone, "" when all are there."""
+    for kind in ("network", "ipc", "uts", "pid"):
+        path = record["namespaces"].get(kind, "")
+        if path and os.path.realpath(path) not in mounted:
+            return f"the pin of its {kind} namespace ({path}) is gone"
+    if record["namespace_options"]["pid"] == "POD" and not namespaces.is_pid_holder(
+        int(record.get("pid_holder") or 0), record["id"]
+    ):
+        return "the PID 1 of its PID namespace is gone"
+    return ""
 
 
 def _all_pids() -> list[int]:
