@@ -260,42 +260,23 @@ class Shim:
             stdio = (stdin, out_w, err_w)
         args.append(self.container_id)
         try:
-            runtime_pid = spawn(args, stdio)
-        except OSError as exc:
-            raise RuntimeError(f"cannot run {args[0]}: {exc}") from None
+            returncode, message = run_in_helper(args, stdio, float(spec.get("create_timeout", 60)), runtime_log)
         finally:
             for fd in child_fds:
                 os.close(fd)
             os.close(devnull)
-        deadline = time.monotonic() + float(spec.get("create_timeout", 60))
         master = -1
-        returncode: int | None = None
-        while True:
-            if returncode is None:
-                returncode = poll_child(runtime_pid)
-            if console is not None and master < 0:
-                ready, _, _ = select.select([console], [], [], 0.02)
-                if ready:
-                    master = self.receive_console(console)
-                    continue
-                if returncode is not None:
-                    break
-            elif returncode is not None:
-                break
-            else:
-                time.sleep(0.003)
-            if time.monotonic() > deadline:
-                os.kill(runtime_pid, signal.SIGKILL)
-                os.waitpid(runtime_pid, 0)
-                raise RuntimeError(f"{args[0]} create did not finish within {spec.get('create_timeout')}s")
         if console is not None:
+            # runc sent the pty master on a connection still in the backlog.
+            if returncode == 0 and select.select([console], [], [], 5.0)[0]:
+                master = self.receive_console(console)
             console.close()
             try:
                 os.unlink(spec["control_socket"] + ".console")
             except FileNotFoundError:
                 pass
         if returncode != 0:
-            raise RuntimeError(runtime_error(runtime_log, f"{args[0]} create exited with {returncode}"))
+            raise RuntimeError(message)
         if self.tty:
             if master < 0:
                 raise RuntimeError("the runtime sent no console for the tty container")
@@ -668,6 +649,57 @@ def spawn(args: list[str], stdio: tuple[int, int, int]) -> int:
     otherwise share."""
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
     return os.posix_spawn(args[0], args, os.environ, file_actions=actions)
+
+
+def run_in_helper(args: list[str], stdio: tuple[int, int, int], timeout: float, runtime_log: str) -> tuple[int, str]:
+    """Run `<runtime> create` and wait for it in a short-lived child.
+
+    The waiting and error parsing then dirty the helper's pages, which go
+    away with it, instead of the shim's. The container's init still ends up
+    the shim's child: the helper is no subreaper, the shim is.
+    Returns (exit code, error message).
+    """
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    helper = os.fork()
+    if helper == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            code, message = wait_runtime(args, stdio, timeout, runtime_log)
+            os.write(write_fd, message.encode(errors="replace"))
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    while True:
+        chunk = os.read(read_fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read_fd)
+    _, status = os.waitpid(helper, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return code, b"".join(chunks).decode(errors="replace") or f"the runtime helper exited with {code}"
+
+
+def wait_runtime(args: list[str], stdio: tuple[int, int, int], timeout: float, runtime_log: str) -> tuple[int, str]:
+    try:
+        runtime_pid = spawn(args, stdio)
+    except OSError as exc:
+        return 1, f"cannot run {args[0]}: {exc}"
+    deadline = time.monotonic() + timeout
+    while True:
+        returncode = poll_child(runtime_pid)
+        if returncode is not None:
+            break
+        if time.monotonic() > deadline:
+            os.kill(runtime_pid, signal.SIGKILL)
+            os.waitpid(runtime_pid, 0)
+            return 1, f"{args[0]} create did not finish within {timeout:g}s"
+        time.sleep(0.003)
+    if returncode != 0:
+        return 1, runtime_error(runtime_log, f"{args[0]} create exited with {returncode}")
+    return 0, ""
 
 
 def poll_child(pid: int) -> int | None:
