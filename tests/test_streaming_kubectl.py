@@ -196,9 +196,11 @@ def test_kubectl_exec(apiserver: StandInApiServer, kubectl_env: dict[str, str], 
     assert b"command terminated with exit code 3" in done.stderr
 
 
-def test_kubectl_port_forward(apiserver: StandInApiServer, kubectl_env: dict[str, str], local_streaming: LocalStreaming) -> None:
+@pytest.mark.parametrize("transport", ["spdy", "websocket-tunnel"])
+def test_kubectl_port_forward(apiserver: StandInApiServer, kubectl_env: dict[str, str], local_streaming: LocalStreaming, transport: str) -> None:
     # Two ports, one echoing nc each, used at the same time through one kubectl.
-    for port in (7101, 7102):
+    ports = (7101, 7102) if transport == "spdy" else (7103, 7104)
+    for port in ports:
         local_streaming.target.start_detached("sh", "-c", f"while true; do nc -l -p {port} -e cat; done")
     local_ports = []
     for _ in range(2):
@@ -208,8 +210,8 @@ def test_kubectl_port_forward(apiserver: StandInApiServer, kubectl_env: dict[str
         probe.close()
     process = subprocess.Popen(
         [KUBECTL, f"--server={apiserver.url}", "--cache-dir", str(Path(kubectl_env["HOME"]) / "cache"), "-n", "default",
-         "port-forward", "--address", "127.0.0.1", "pod/target", f"{local_ports[0]}:7101", f"{local_ports[1]}:7102"],
-        env={**kubectl_env, "KUBECTL_PORT_FORWARD_WEBSOCKETS": "false"},
+         "port-forward", "--address", "127.0.0.1", "pod/target", f"{local_ports[0]}:{ports[0]}", f"{local_ports[1]}:{ports[1]}"],
+        env={**kubectl_env, "KUBECTL_PORT_FORWARD_WEBSOCKETS": "true" if transport == "websocket-tunnel" else "false"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -244,7 +246,10 @@ def test_kubectl_port_forward(apiserver: StandInApiServer, kubectl_env: dict[str
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    assert "portforward.k8s.io" in apiserver.upgrades[-1]
+    # Exactly one upgrade, in the transport asked for (no fallback happened).
+    assert len(apiserver.upgrades) == 1
+    expected = "SPDY/3.1+portforward.k8s.io" if transport == "websocket-tunnel" else "X-Stream-Protocol-Version: portforward.k8s.io"
+    assert expected in apiserver.upgrades[0]
 
 
 # --- kubectl through pyrio's CRI: the stand-in API server plays the kubelet ----------

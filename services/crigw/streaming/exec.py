@@ -232,7 +232,10 @@ class ExecSession:
                 except OSError:
                     return
                 if process is not None and process.poll() is None:
-                    os.kill(process.pid, signal.SIGWINCH)
+                    try:
+                        os.kill(process.pid, signal.SIGWINCH)
+                    except ProcessLookupError:
+                        return
                 if not sized.is_set():
                     first_size.append((width, height))
                     sized.set()

@@ -357,6 +357,10 @@ class StreamingServer:
     def _spdy_port_forward(self, sock: socket.socket, reader: BinaryIO, request: HttpRequest, stored: dict) -> None:
         if self._spdy_handshake(sock, request, (portforward.PROTOCOL,)) is None:
             return
+        self._serve_spdy_port_forward(sock, reader, stored)
+
+    def _serve_spdy_port_forward(self, sock: Any, reader: Any, stored: dict) -> None:
+        """portforward.k8s.io over an upgraded socket or over a WebSocket tunnel."""
         try:
             dialer = self.backend.port_dialer(stored)
         except PyrioError as exc:
@@ -424,6 +428,12 @@ class StreamingServer:
             self._end_session(connection)
 
     def _websocket_port_forward(self, sock: socket.socket, reader: BinaryIO, request: HttpRequest, stored: dict) -> None:
+        offered = websocket.offered_protocols(",".join(request.headers.get("sec-websocket-protocol", [])))
+        if websocket.TUNNEL_PROTOCOL in offered:
+            if self._websocket_handshake(sock, request, (websocket.TUNNEL_PROTOCOL,)) is not None:
+                tunnel = websocket.TunnelConnection(sock, reader)
+                self._serve_spdy_port_forward(tunnel, tunnel, stored)
+            return
         ports = [int(port) for port in stored.get("port", [])]
         if not ports:
             try:

@@ -6,6 +6,7 @@ with one byte naming the channel (0 stdin, 1 stdout, 2 stderr, 3 error,
 `base64.channel.k8s.io`: text messages, the channel as an ASCII digit and
 the payload base64. `v5.channel.k8s.io` adds the close signal: the message
 [255, channel] half-closes that channel (how a client says stdin EOF).
+`SPDY/3.1+portforward.k8s.io` carries a whole SPDY port-forward session.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ MAX_MESSAGE = 16 * 1024 * 1024
 
 BINARY_PROTOCOLS = ("", "channel.k8s.io", "v4.channel.k8s.io", "v5.channel.k8s.io")
 BASE64_PROTOCOLS = ("base64.channel.k8s.io", "v4.base64.channel.k8s.io")
+# portforward.k8s.io's SPDY, tunnelled in binary messages (client-go's tunneling dialer).
+TUNNEL_PROTOCOL = "SPDY/3.1+portforward.k8s.io"
 
 
 def accept_key(key: str) -> str:
@@ -133,22 +136,16 @@ class ChannelStream:
         self._close_remote()
 
 
-class ChannelConnection:
-    """The server end of one upgraded WebSocket speaking channel.k8s.io."""
+class WebSocket:
+    """Framing of one upgraded connection: data messages in, frames out, pings and close handled."""
 
-    def __init__(self, sock: socket.socket, reader: BinaryIO, protocol: str, channels: list[tuple[bool, bool]]) -> None:
+    def __init__(self, sock: socket.socket, reader: BinaryIO) -> None:
         self.sock = sock
         self._reader = reader
-        self.protocol = protocol
-        self.base64 = protocol in BASE64_PROTOCOLS
-        self.supports_close = protocol == "v5.channel.k8s.io"
-        self.channels = [ChannelStream(self, number, read, write) for number, (read, write) in enumerate(channels)]
         self._write_lock = threading.Lock()
         self.closed = threading.Event()
         self._close_sent = False
         self.last_activity = time.monotonic()
-
-    # --- sending ---------------------------------------------------------
 
     def _send_frame(self, opcode: int, payload: bytes) -> None:
         if self.closed.is_set() and opcode != OP_CLOSE:
@@ -157,26 +154,6 @@ class ChannelConnection:
         with self._write_lock:
             self.sock.sendall(frame)
         self.last_activity = time.monotonic()
-
-    def send_channel(self, number: int, data: bytes) -> None:
-        if self.base64:
-            self._send_frame(OP_TEXT, bytes([ord("0") + number]) + base64.b64encode(data))
-        else:
-            self._send_frame(OP_BINARY, bytes([number]) + data)
-
-    # --- the read loop -------------------------------------------------
-
-    def serve(self) -> None:
-        try:
-            while not self.closed.is_set():
-                message = self._read_message()
-                if message is None:
-                    break
-                self._on_message(message)
-        except (EOFError, OSError, ValueError):
-            pass
-        finally:
-            self._shutdown()
 
     def _read_message(self) -> bytes | None:
         """The next complete data message; control frames are handled here."""
@@ -212,6 +189,50 @@ class ChannelConnection:
             if fin:
                 return b"".join(parts)
 
+    def _send_close(self, code: int, reason: str = "") -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        try:
+            self._send_frame(OP_CLOSE, struct.pack(">H", code) + reason.encode()[:120])
+        except OSError:
+            pass
+
+    def _fail(self, code: int, reason: str) -> None:
+        log.warning("closing WebSocket: %s", reason)
+        self._send_close(code, reason)
+
+
+class ChannelConnection(WebSocket):
+    """The server end of one upgraded WebSocket speaking channel.k8s.io."""
+
+    def __init__(self, sock: socket.socket, reader: BinaryIO, protocol: str, channels: list[tuple[bool, bool]]) -> None:
+        super().__init__(sock, reader)
+        self.protocol = protocol
+        self.base64 = protocol in BASE64_PROTOCOLS
+        self.supports_close = protocol == "v5.channel.k8s.io"
+        self.channels = [ChannelStream(self, number, read, write) for number, (read, write) in enumerate(channels)]
+
+    def send_channel(self, number: int, data: bytes) -> None:
+        if self.base64:
+            self._send_frame(OP_TEXT, bytes([ord("0") + number]) + base64.b64encode(data))
+        else:
+            self._send_frame(OP_BINARY, bytes([number]) + data)
+
+    # --- the read loop -------------------------------------------------
+
+    def serve(self) -> None:
+        try:
+            while not self.closed.is_set():
+                message = self._read_message()
+                if message is None:
+                    break
+                self._on_message(message)
+        except (EOFError, OSError, ValueError):
+            pass
+        finally:
+            self._shutdown()
+
     def _on_message(self, message: bytes) -> None:
         if not message:
             return
@@ -235,19 +256,6 @@ class ChannelConnection:
 
     # --- closing ---------------------------------------------------------
 
-    def _send_close(self, code: int, reason: str = "") -> None:
-        if self._close_sent:
-            return
-        self._close_sent = True
-        try:
-            self._send_frame(OP_CLOSE, struct.pack(">H", code) + reason.encode()[:120])
-        except OSError:
-            pass
-
-    def _fail(self, code: int, reason: str) -> None:
-        log.warning("closing WebSocket: %s", reason)
-        self._send_close(code, reason)
-
     def _shutdown(self) -> None:
         self.closed.set()
         for channel in self.channels:
@@ -258,3 +266,37 @@ class ChannelConnection:
         self._send_close(CLOSE_NORMAL)
         close_after_peer(self.sock, self.closed, linger)
         self._shutdown()
+
+
+class TunnelConnection(WebSocket):
+    """SPDY carried in binary WebSocket messages (`SPDY/3.1+portforward.k8s.io`).
+
+    Newer kubectl and crictl port-forward over WebSocket this way: the
+    WebSocket replaces the HTTP upgrade and its binary messages carry the
+    SPDY byte stream. This object is the socket and the reader a
+    SpdyConnection runs on.
+    """
+
+    def __init__(self, sock: socket.socket, reader: BinaryIO) -> None:
+        super().__init__(sock, reader)
+        self._pending = b""
+
+    def read(self, count: int) -> bytes:
+        """Exactly `count` bytes of the tunnelled stream, fewer only at its end."""
+        while len(self._pending) < count and not self.closed.is_set():
+            message = self._read_message()
+            if message is None:
+                self.closed.set()
+                break
+            self._pending += message
+        data, self._pending = self._pending[:count], self._pending[count:]
+        return data
+
+    def sendall(self, data: bytes) -> None:
+        self._send_frame(OP_BINARY, data)
+
+    def shutdown(self, how: int) -> None:
+        if how == socket.SHUT_WR:
+            self._send_close(CLOSE_NORMAL)
+        else:
+            self.sock.shutdown(how)
