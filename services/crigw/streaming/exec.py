@@ -231,11 +231,8 @@ class ExecSession:
                     set_window_size(master, width, height)
                 except OSError:
                     return
-                if process is not None and process.poll() is None:
-                    try:
-                        os.kill(process.pid, signal.SIGWINCH)
-                    except ProcessLookupError:
-                        return
+                if process is not None:
+                    process.send_signal(signal.SIGWINCH)  # a no-op once the process is reaped
                 if not sized.is_set():
                     first_size.append((width, height))
                     sized.set()
