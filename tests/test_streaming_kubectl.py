@@ -281,15 +281,20 @@ def cri_apiserver(containers) -> Iterator[tuple[StandInApiServer, Any, str]]:
         server.close()
 
 
-def test_kubectl_exec_and_attach_through_pyrio(cri_apiserver, kubectl_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_kubectl_exec_and_attach_through_pyrio(cri_apiserver, kubectl_env: dict[str, str], transport: str) -> None:
     apiserver, containers, container_id = cri_apiserver
-    done = kubectl(apiserver, kubectl_env, "exec", "-i", "target", "--", "sh", "-c", "cat; exit 5", stdin=b"into a pyrio container\n")
+    use_websocket = {"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "true" if transport == "websocket" else "false"}
+    done = kubectl(
+        apiserver, kubectl_env, "exec", "-i", "target", "--", "sh", "-c", "cat; exit 5",
+        stdin=b"into a pyrio container\n", extra_env=use_websocket,
+    )
     assert done.stdout == b"into a pyrio container\n"
     assert done.returncode == 5, done.stderr
 
     attach = subprocess.Popen(
         [KUBECTL, f"--server={apiserver.url}", "--cache-dir", str(Path(kubectl_env["HOME"]) / "cache"), "-n", "default", "attach", "target"],
-        env={**kubectl_env, "KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"},
+        env={**kubectl_env, **use_websocket},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -301,6 +306,7 @@ def test_kubectl_exec_and_attach_through_pyrio(cri_apiserver, kubectl_env: dict[
     finally:
         attach.terminate()
         attach.wait(10)
+    assert ("websocket" if transport == "websocket" else "SPDY/3.1") in apiserver.upgrades[-1]
     from cri_api.v1 import api_pb2
 
     assert containers.status(container_id).status.state == api_pb2.CONTAINER_RUNNING
