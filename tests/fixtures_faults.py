@@ -305,3 +305,49 @@ def log_file_of(containers: Containers, name: str = "main") -> Path:
     files = list(containers.log_root.rglob(f"{name}.log"))
     assert len(files) == 1, files
     return files[0]
+
+
+# --- a runtime that lingers in `create` ------------------------------------------
+
+# Wraps runc: `create` first notes that it started (the marker file) and
+# waits SLOW_CREATE_SECONDS, so a test can kill a service mid-CreateContainer.
+SLOW_CREATE_SECONDS = 3
+SLOW_RUNTIME = """#!/bin/sh
+for arg in "$@"; do
+    if [ "$arg" = create ]; then touch {marker}; sleep {seconds}; break; fi
+done
+exec /usr/sbin/runc "$@"
+"""
+
+
+class SlowCreateStack(Stack):
+    """A private stack with a runtime handler "slow" (runc with a slow create).
+
+    Its runc root is runc's own, so leak_report sees its containers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marker = self.root / "create-started"
+        wrapper = self.root / "slow-runc"
+        wrapper.write_text(SLOW_RUNTIME.format(marker=self.marker, seconds=SLOW_CREATE_SECONDS))
+        wrapper.chmod(0o755)
+        runc_root = str(self.run_dir / "runtimes" / "runc")
+        self.config["runtime"]["runtimes"] = {
+            "runc": {"path": "/usr/sbin/runc"},
+            "crun": {"path": "/usr/bin/crun"},
+            "slow": {"path": str(wrapper), "root": runc_root},
+        }
+        self.write_config()
+
+    def create_started(self) -> bool:
+        return self.marker.exists()
+
+
+@pytest.fixture
+def slow_create_stack() -> Iterator[SlowCreateStack]:
+    own = SlowCreateStack()
+    try:
+        own.start()
+        yield own
+    finally:
+        own.stop()

@@ -1,0 +1,171 @@
+"""kill -9 of a service in the middle of its most complex operation (issue 6).
+
+The outcome must be the finished object or nothing visible, and whatever
+was half-made is cleaned up automatically once the service is back.
+imaged mid-PullImage is tests/test_images_faults.py, netd mid-CNI ADD is
+tests/test_network_faults.py; here: shimd and crigw mid-CreateContainer
+(on a runtime whose `create` lingers), and netd killed at a sweep of points
+of RunPodSandbox.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import grpc
+from cri_api.v1 import api_pb2
+
+from tests import fixtures_containers
+from tests.fixtures_containers import CONTAINER_CREATED, CONTAINER_RUNNING, Containers
+from tests.fixtures_faults import (
+    SLOW_CREATE_SECONDS,
+    Patient,
+    SlowCreateStack,
+    assert_no_leaks,
+    kill_service,
+    wait_all_running,
+    wait_restarted,
+)
+from tests.fixtures_pods import pod_config
+from tests.harness import Stack, wait_until
+
+
+def create_in_background(patient: Patient, pod: tuple[str, api_pb2.PodSandboxConfig], config: api_pb2.ContainerConfig) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def create() -> None:
+        request = api_pb2.CreateContainerRequest(pod_sandbox_id=pod[0], config=config, sandbox_config=pod[1])
+        started = time.monotonic()
+        try:
+            outcome["id"] = patient.once("CreateContainer", request, 60).container_id
+        except grpc.RpcError as exc:
+            outcome["error"] = exc
+        outcome["elapsed"] = time.monotonic() - started
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    return thread, outcome
+
+
+def containers_of(patient: Patient, sandbox_id: str) -> list[api_pb2.Container]:
+    return [item for item in patient.containers() if item.pod_sandbox_id == sandbox_id]
+
+
+def setup(stack: SlowCreateStack, test_images: fixtures_containers.TestImages) -> tuple[Containers, Patient]:
+    containers = Containers(stack, test_images)
+    containers.pull(test_images.busybox.reference)
+    return containers, Patient(stack)
+
+
+def test_shimd_killed_mid_create_leaves_nothing(slow_create_stack: SlowCreateStack, test_images: fixtures_containers.TestImages) -> None:
+    stack = slow_create_stack
+    containers, patient = setup(stack, test_images)
+    try:
+        pod = containers.pod(runtime_handler="slow")
+        config = containers.config("main", command=["sleep", "3600"])
+        thread, outcome = create_in_background(patient, pod, config)
+        wait_until(stack.create_started, 30, interval=0.02, what="runtime create in progress")
+        old = kill_service(stack, "shimd")
+        thread.join(30)
+        assert not thread.is_alive(), "CreateContainer hung after shimd died"
+        assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE, outcome
+        assert outcome["elapsed"] < 10
+        wait_restarted(stack, "shimd", old)
+        wait_all_running(stack)
+        # Never a half-made container: nothing, at any time after the restart,
+        # even once the lingering `runtime create` has finished.
+        deadline = time.monotonic() + SLOW_CREATE_SECONDS + 5
+        while time.monotonic() < deadline:
+            assert containers_of(patient, pod[0]) == []
+            time.sleep(0.2)
+        assert_no_leaks_but_pod(stack, patient, pod[0])
+        # The name is free: the same container is created and runs.
+        container_id = containers.create(pod, config)
+        containers.start(container_id)
+        assert patient.status(container_id).state == CONTAINER_RUNNING
+        containers.cleanup()
+        assert_no_leaks(stack)
+    finally:
+        containers.cleanup()
+        patient.close()
+
+
+def test_crigw_killed_mid_create_gives_the_finished_container(slow_create_stack: SlowCreateStack, test_images: fixtures_containers.TestImages) -> None:
+    stack = slow_create_stack
+    containers, patient = setup(stack, test_images)
+    try:
+        pod = containers.pod(runtime_handler="slow")
+        config = containers.config("main", command=["sleep", "3600"])
+        thread, outcome = create_in_background(patient, pod, config)
+        wait_until(stack.create_started, 30, interval=0.02, what="runtime create in progress")
+        old = kill_service(stack, "crigw")
+        thread.join(30)
+        assert not thread.is_alive(), "CreateContainer hung after crigw died"
+        assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE, outcome
+        assert outcome["elapsed"] < 10
+        wait_restarted(stack, "crigw", old)
+        wait_all_running(stack)
+        # shimd finished the create: the container appears complete (never
+        # half-made), and works.
+        found = wait_until(lambda: containers_of(patient, pod[0]), SLOW_CREATE_SECONDS + 20, what="the container listed")
+        assert len(found) == 1 and found[0].state == CONTAINER_CREATED
+        containers.container_ids.append(found[0].id)
+        containers.start(found[0].id)
+        assert patient.status(found[0].id).state == CONTAINER_RUNNING
+        containers.cleanup()
+        assert_no_leaks(stack)
+    finally:
+        containers.cleanup()
+        patient.close()
+
+
+def assert_no_leaks_but_pod(stack: Stack, patient: Patient, sandbox_id: str) -> None:
+    """Nothing of a container is left: no runtime container, no container
+    process, no rootfs mount (the pod's own pins and shm stay)."""
+    from tests.harness import leak_report
+
+    report = leak_report(stack)
+    assert report["runtime_containers"] == [], report
+    rootfs_mounts = [point for point in report["mounts"] if "/rootfs/" in point]
+    assert rootfs_mounts == [], report
+    shim_dirs = list((stack.state_dir / "shimd" / "containers").iterdir())
+    assert shim_dirs == [], shim_dirs
+    assert list((stack.run_dir / "shims").iterdir()) == []
+
+
+def test_netd_killed_at_any_point_of_run_pod_sandbox(fresh_stack: Stack, patient: Patient) -> None:
+    """A sweep of kill points through RunPodSandbox: each outcome is a ready
+    pod or no pod, and at the end nothing is left."""
+    stack = fresh_stack
+    for delay in (0.0, 0.02, 0.05, 0.1, 0.2, 0.35):
+        config = pod_config(pid_mode=api_pb2.POD)
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["id"] = patient.once("RunPodSandbox", api_pb2.RunPodSandboxRequest(config=config), 60).pod_sandbox_id
+            except grpc.RpcError as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(delay)
+        old = kill_service(stack, "netd")
+        thread.join(30)
+        assert not thread.is_alive()
+        wait_restarted(stack, "netd", old)
+        wait_all_running(stack)
+        pods = [item for item in patient.pods() if item.metadata.uid == config.metadata.uid]
+        if "id" in outcome:
+            assert [item.id for item in pods] == [outcome["id"]]
+            assert pods[0].state == api_pb2.SANDBOX_READY
+        else:
+            assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE
+            assert len(pods) <= 1
+            assert all(item.state == api_pb2.SANDBOX_READY for item in pods)
+        for item in pods:
+            patient.stop_pod(item.id)
+            patient.remove_pod(item.id)
+        assert_no_leaks(stack)
