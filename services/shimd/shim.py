@@ -25,10 +25,10 @@ import base64
 import ctypes
 import errno
 import fcntl
-import gc
 import json
 import os
 import select
+import _signal
 import signal
 import socket
 import struct
@@ -90,6 +90,20 @@ def atomic_write(path: str, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """SIGCHLD only has to wake the poll loop (through the wakeup fd)."""
+
+
+def read_small_file(path: str) -> bytes:
+    # os.read, not open(): the io stack would be one more code path whose
+    # pages every shim copies.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096).strip()
+    finally:
+        os.close(fd)
 
 
 def set_nonblocking(fd: int) -> None:
@@ -222,12 +236,15 @@ class Shim:
                 pass
 
     def listen(self, path: str, kind: int) -> socket.socket:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
         sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
-        sock.bind(path)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            # A stale socket file (paths are per container, so rarely): replace it.
+            os.unlink(path)
+            sock.bind(path)
         os.chmod(path, 0o600)
         sock.listen(16)
         return sock
@@ -282,8 +299,7 @@ class Shim:
                 raise RuntimeError("the runtime sent no console for the tty container")
             self.outputs = {master: b"stdout"}
             self.stdin_fd = master if self.stdin_enabled else -1
-        with open(pid_file) as handle:
-            self.pid = int(handle.read().strip())
+        self.pid = int(read_small_file(pid_file))
 
     @staticmethod
     def receive_console(console: socket.socket) -> int:
@@ -302,7 +318,9 @@ class Shim:
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         set_nonblocking(self.wakeup_r)
         signal.set_wakeup_fd(self.wakeup_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
+        # _signal, not signal.signal: that wrapper converts through enum
+        # machinery, one more code path each shim would copy pages of.
+        _signal.signal(signal.SIGCHLD, _ignore_signal)
         for fd in self.outputs:
             set_nonblocking(fd)
         if self.stdin_fd >= 0:
@@ -786,17 +804,17 @@ def run(spec: dict[str, Any], notify_fd: int) -> None:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
         os.set_inheritable(notify_fd, False)
         shim = Shim(spec, notify_fd)
-        shim.notify({"shim_pid": os.getpid()})
+        # Hand-formatted: the success path stays clear of the JSON encoder.
+        os.write(notify_fd, b'{"shim_pid": %d}\n' % os.getpid())
         try:
             shim.create()
         except Exception as exc:
             shim.notify({"ok": False, "error": str(exc)})
             shim.finish()
             os._exit(1)
-        shim.notify({"ok": True, "pid": shim.pid})
+        os.write(notify_fd, b'{"ok": true, "pid": %d}\n' % shim.pid)
         os.close(notify_fd)
         shim.notify_fd = -1
-        gc.collect()
         shim.serve()
     except BaseException as exc:  # last resort: leave a trace for shimd
         try:
