@@ -64,6 +64,8 @@ EXEC_OUTPUT_LIMIT = 6 * 1024 * 1024
 # A stop waits the grace period, SIGKILL, then at most this long for the exit.
 STOP_MARGIN_SECONDS = 15.0
 SHIM_REQUEST_TIMEOUT = 10.0
+# How long shimd itself remembers that a pod was stopped or removed.
+CLOSING_MEMORY_SECONDS = 3600.0
 
 
 def signal_number(name: str | int | None) -> int:
@@ -93,6 +95,8 @@ class ShimDaemon:
         self.netd = client_for(config, "netd")
         self.imaged = client_for(config, "imaged")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shimd-bulk")
+        # Pods whose StopPodSandbox/RemovePodSandbox began, by id -> when.
+        self._closing: dict[str, float] = {}
         self._recovery = threading.Thread(target=self._finish_interrupted, name="shimd-recover", daemon=True)
         self._recovery.start()
 
@@ -118,6 +122,11 @@ class ShimDaemon:
     def _finish_interrupted(self) -> None:
         """Records left half-made or half-removed by a shimd that was killed."""
         for record in self.store.all():
+            if record.get("phase") == PHASE_CREATED and not record.get("started_at"):
+                try:
+                    self._adopt_start(record)
+                except PyrioError as exc:
+                    log.warning("cannot ask the runtime about a created container", extra={"container_id": record["id"], "error": str(exc)})
             if record.get("phase") not in (PHASE_CREATING, PHASE_REMOVING):
                 continue
             for attempt in range(30):
@@ -129,6 +138,17 @@ class ShimDaemon:
                 except PyrioError as exc:
                     log.info("retrying interrupted clean-up", extra={"container_id": record["id"], "error": str(exc)})
                     time.sleep(min(5.0, 0.5 * (attempt + 1)))
+
+    def _adopt_start(self, record: dict[str, Any]) -> None:
+        """A shimd killed between `runtime start` and saving the record left a
+        running container recorded as created: the runtime knows better."""
+        with self.store.lock_for(record["id"]):
+            if record.get("started_at") or not self.store.init_alive(record):
+                return
+            if self._runtime_status(record) == "running":
+                record["started_at"] = time.time_ns()
+                self.store.save(record)
+                log.info("found a started container recorded as created", extra={"container_id": record["id"]})
 
     # --- helpers -------------------------------------------------------------
 
@@ -211,7 +231,12 @@ class ShimDaemon:
             "stdin_once": bool(config.get("stdin_once")),
             "phase": PHASE_CREATING,
         }
+        # The record is saved and its lock taken under the store lock, so a
+        # StopPodSandbox/RemovePodSandbox of the pod either refuses this create
+        # (the pod is closing) or sees the record and waits for the create.
+        container_lock = self.store.lock_for(container_id)
         with self.store.lock:
+            self._check_open(sandbox["id"])
             for other in self.store.all():
                 if (other["sandbox_id"] == sandbox["id"] and other["name"] == name and other["attempt"] == attempt
                         and other.get("phase") != PHASE_REMOVING):
@@ -220,17 +245,18 @@ class ShimDaemon:
                         f"{sandbox['id'][:12]} by container {other['id']}; remove it or use another attempt"
                     )
             self.store.save(record)
+            container_lock.acquire()
         try:
-            with self.store.lock_for(container_id):
-                self._create(record, sandbox, sandbox_config, call)
+            self._create(record, sandbox, sandbox_config, call)
         except BaseException:
             try:
-                with self.store.lock_for(container_id):
-                    self._destroy(record)
+                self._destroy(record)
             except PyrioError as cleanup_error:
                 log.warning("clean-up of a failed create is left for later",
                             extra={"container_id": container_id, "error": str(cleanup_error)})
             raise
+        finally:
+            container_lock.release()
         log.info("container created", extra={"container_id": container_id, "sandbox_id": sandbox["id"], "container_name": name})
         return {"container_id": container_id}
 
@@ -340,10 +366,21 @@ class ShimDaemon:
                 raise FailedPrecondition(
                     f"container {record['id'][:12]} is {self._state_word(state)}: only a created container can be started"
                 )
+            # Taken before the start: a container that exits at once must not
+            # report a finish before its start.
+            started_at = time.time_ns()
             self._runtime(record, "start", record["id"])
-            record["started_at"] = time.time_ns()
+            record["started_at"] = started_at
             self.store.save(record)
         return {}
+
+    def _runtime_status(self, record: dict[str, Any]) -> str:
+        """The runtime's word for the container ("created", "running", "stopped"), "" if unknown."""
+        result = self._runtime(record, "state", record["id"], check=False)
+        try:
+            return str(json.loads(result.stdout).get("status", "")) if result.returncode == 0 else ""
+        except ValueError:
+            return ""
 
     @staticmethod
     def _state_word(state: int) -> str:
@@ -407,21 +444,36 @@ class ShimDaemon:
             self._destroy(record)
         log.info("container removed", extra={"container_id": record["id"]})
 
+    def _check_open(self, sandbox_id: str) -> None:
+        """Refuse a create in a pod whose stop or removal has begun (call with the store lock)."""
+        if sandbox_id in self._closing:
+            raise FailedPrecondition(
+                f"pod sandbox {sandbox_id[:12]} is being stopped or removed: cannot create containers in it"
+            )
+
+    def _close(self, sandbox_id: str) -> list[dict[str, Any]]:
+        """Mark a pod closing and return its containers, those being created included."""
+        if not sandbox_id:
+            raise InvalidArgument("sandbox_id must not be empty")
+        with self.store.lock:
+            now = time.monotonic()
+            # A pod stopped long ago is known to netd as not ready (or gone),
+            # which refuses creates just as well: forget it here.
+            for stale in [key for key, at in self._closing.items() if now - at > CLOSING_MEMORY_SECONDS]:
+                del self._closing[stale]
+            self._closing[sandbox_id] = now
+            return [record for record in self.store.all() if record["sandbox_id"] == sandbox_id]
+
     def stop_all(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
-        records = self._of_sandbox(params.get("sandbox_id", ""))
+        records = self._close(params.get("sandbox_id", ""))
         timeout = float(params.get("timeout") or 0)
         self._each(records, lambda record: self._stop(record, timeout))
         return {"stopped": [record["id"] for record in records]}
 
     def remove_all(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
-        records = self._of_sandbox(params.get("sandbox_id", ""))
+        records = self._close(params.get("sandbox_id", ""))
         self._each(records, self._remove)
         return {"removed": [record["id"] for record in records]}
-
-    def _of_sandbox(self, sandbox_id: str) -> list[dict[str, Any]]:
-        if not sandbox_id:
-            raise InvalidArgument("sandbox_id must not be empty")
-        return [record for record in self.store.all() if record["sandbox_id"] == sandbox_id]
 
     def _each(self, records: list[dict[str, Any]], action: Any) -> None:
         errors = []
