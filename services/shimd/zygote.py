@@ -17,6 +17,7 @@ notify pipe: {"shim_pid"}, then {"ok": true, "pid"} or {"ok": false, "error"}.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -48,6 +49,12 @@ def _serve(sock: socket.socket) -> None:
                 os.unlink(os.path.join(directory, name))
             os.rmdir(directory)
     gc.collect()
+    # Hand back the heap the warm-up freed: fewer resident pages for every
+    # shim to share (glibc only; elsewhere this is skipped).
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except AttributeError:
+        pass
     gc.freeze()
     while True:
         try:
