@@ -32,7 +32,6 @@ import _signal
 import signal
 import socket
 import struct
-import sys
 import termios
 import time
 from typing import Any
@@ -850,7 +849,6 @@ def warm_up(scratch_dir: str, rounds: int = 10) -> None:
             "create_timeout": 10, "oom_files": ["/proc/self/status"],
         }
         shim = Shim(spec, -1)
-        shim.notify({"shim_pid": 0})
         shim.create()
         shim.log.write(b"stdout", b"warm\nup " * 4 + b"x" * (MAX_LOG_LINE + 1))
         shim.serve()
@@ -863,12 +861,3 @@ def warm_up(scratch_dir: str, rounds: int = 10) -> None:
             os.unlink(os.path.join(base, name))
         os.rmdir(base)
 
-
-def main() -> None:
-    """Standalone use: `python -m services.shimd.shim < spec.json` (for debugging)."""
-    spec = json.load(sys.stdin)
-    run(spec, 1)
-
-
-if __name__ == "__main__":
-    main()
