@@ -482,3 +482,4 @@ def test_image_stop_signal_and_volumes(containers: Containers) -> None:
     containers.stop(container_id, timeout=20)
     status = containers.status(container_id).status
     assert status.exit_code == 7 and "got-usr1" in containers.log_text(container_id)
+    assert status.stop_signal == api_pb2.SIGUSR1

@@ -87,6 +87,15 @@ def signal_number(name: str | int | None) -> int:
         raise InvalidArgument(f"unknown stop signal {name!r}") from None
 
 
+def cri_signal(number: int) -> int:
+    """The CRI Signal enum value of a signal number (0, RUNTIME_DEFAULT, if it has none)."""
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return 0
+    return CRI_SIGNALS.index(name) if name in CRI_SIGNALS else 0
+
+
 class ShimDaemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -509,6 +518,7 @@ class ShimDaemon:
             "log_path": record.get("log_path", ""),
             "resources": {"linux": record.get("resources", {})},
             "user": {"linux": record.get("user", {})},
+            "stop_signal": cri_signal(record.get("stop_signal", int(signal.SIGTERM))),
         }
         if exit_record is not None:
             status["finished_at"] = exit_record["exited_at"]
