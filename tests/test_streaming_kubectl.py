@@ -75,8 +75,14 @@ def stored_request(kind: str, query: dict[str, list[str]]) -> dict[str, Any]:
 
 
 class StandInApiServer:
-    def __init__(self, url_for: UrlFor) -> None:
+    def __init__(self, url_for: UrlFor, container: dict[str, Any] | None = None) -> None:
         self.url_for = url_for
+        # The pod's one container as kubectl sees it (attach -t wants tty and stdin there).
+        self.documents = dict(DISCOVERY)
+        if container is not None:
+            pod = json.loads(json.dumps(POD))
+            pod["spec"]["containers"][0].update(container)
+            self.documents["/api/v1/namespaces/default/pods/target"] = pod
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
@@ -108,7 +114,7 @@ class StandInApiServer:
             if kind in ("exec", "attach", "portforward") and parts.path.startswith("/api/v1/namespaces/default/pods/target/"):
                 self._proxy(conn, kind, parse_qs(parts.query), lines[1:], rest)
                 return
-            body = DISCOVERY.get(parts.path)
+            body = self.documents.get(parts.path)
             if body is None:
                 payload = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}).encode()
                 status = "404 Not Found"
@@ -349,3 +355,63 @@ def test_kubectl_exec_tty_gets_the_terminal_size(apiserver: StandInApiServer, ku
         os.close(master)
     assert b"33 111" in output, output
     assert process.returncode == 0
+
+
+def run_under_pty(argv: list[str], env: dict[str, str], size: tuple[int, int], typed: list[tuple[bytes, bytes]], timeout: float = 30) -> bytes:
+    """Run argv on a new pty of `size` (rows, columns); for each (wait_for, then_type) pair, type once wait_for showed up."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+    process = subprocess.Popen(argv, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    output = b""
+    pending = list(typed)
+    try:
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            if pending and pending[0][0] in output:
+                os.write(master, pending.pop(0)[1])
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    output += os.read(master, 4096)
+                except OSError:
+                    break
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        os.close(master)
+    return output
+
+
+def test_kubectl_attach_tty_through_pyrio(containers, kubectl_env: dict[str, str]) -> None:
+    from cri_api.v1 import api_pb2
+
+    from tests.test_streaming_cri import _needs_image_pulls
+
+    _needs_image_pulls(containers.stack)
+    container_id = containers.run(command=["sh"], tty=True, stdin=True)
+    containers.wait_state(container_id, api_pb2.CONTAINER_RUNNING)
+
+    def url_for(kind: str, stored: dict[str, Any]) -> str:
+        stored.pop("cmd", None)
+        return containers.runtime.Attach(api_pb2.AttachRequest(container_id=container_id, **stored), timeout=20).url
+
+    apiserver = StandInApiServer(url_for, container={"tty": True, "stdin": True})
+    try:
+        output = run_under_pty(
+            [KUBECTL, f"--server={apiserver.url}", "--cache-dir", str(Path(kubectl_env["HOME"]) / "cache"), "-n", "default",
+             "attach", "-it", "target"],
+            {**kubectl_env, "KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"},
+            (37, 121),
+            [(b"# ", b'stty size; echo AT""TACHED\r'), (b"ATTACHED\r\n", b"exit\r")],
+        )
+    finally:
+        apiserver.close()
+    assert b"37 121" in output, (output, containers.log_text(container_id))
+    containers.wait_exited(container_id)
