@@ -63,9 +63,17 @@ class ContainerStore:
             if not directory.is_dir():
                 continue
             remove_stale_temp_files(directory)
-            record = read_json(directory / "record.json")
+            try:
+                record = read_json(directory / "record.json")
+            except ValueError:
+                record = None  # the atomic writer never leaves one torn; be safe anyway
             if isinstance(record, dict) and record.get("id") == directory.name:
                 self._records[directory.name] = record
+            else:
+                # The record is written before anything else of a container
+                # and removed with its directory: a directory without one is
+                # what a removal killed mid-rmtree left.
+                shutil.rmtree(directory, ignore_errors=True)
 
     # --- paths ------------------------------------------------------------
 
