@@ -34,7 +34,12 @@ import socket
 import struct
 import termios
 import time
-from typing import Any
+
+# typing is a large module the zygote (and so every shim) would carry for
+# annotations alone: they are strings here, so it is only for type checkers.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # A log line longer than this is written in parts marked P (as conmon does).
 MAX_LOG_LINE = 16 * 1024

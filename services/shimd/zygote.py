@@ -23,9 +23,14 @@ import json
 import os
 import signal
 import socket
-from typing import Any
 
 from services.shimd import shim
+
+# typing is a large module the zygote (and so every shim) would carry for
+# annotations alone: they are strings here, so it is only for type checkers.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _zygote: "ZygoteClient | None" = None
 # threading is imported only in shimd, after the zygote forked: with it
