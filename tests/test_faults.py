@@ -1,8 +1,9 @@
 """Chaos (issue 6): a seeded churn of pods and containers while a second
 thread SIGKILLs a random service every few seconds.
 
-The churn (run pod, create, start, exec, stop, remove container, stop and
-remove pod) keeps a model of what it believes exists. Calls made during an
+Two churns (run pod, create, start, exec, stop, remove container, stop and
+remove pod), each on pods of its own, keep a model of what they believe
+exists. Calls made during an
 outage may fail with UNAVAILABLE and are retried (a create whose reply was
 lost is looked up by name before it is tried again), but none may hang:
 every attempt ends within its gRPC deadline and none runs into it. When the
@@ -45,7 +46,8 @@ from tests.harness import SERVICES, Stack, wait_until
 SEED = int(os.environ.get("PYRIO_CHAOS_SEED", "6"))
 CHAOS_SECONDS = 75.0
 KILL_INTERVAL = (2.0, 4.0)
-MAX_PODS = 3
+CHURNS = 2
+MAX_PODS = 2  # per churn
 MAX_CONTAINERS_PER_POD = 3
 SIGKILL_EXIT = 128 + signal.SIGKILL
 # Codes a call may answer during the chaos: the outage itself, and the
@@ -185,16 +187,31 @@ def test_chaos_churn_while_services_are_killed(fault_containers: Containers, pat
     wait_for_log(containers, keeper, "tick3")
     keeper_info = patient.info(keeper)
 
-    churn = Churn(containers, patient, SEED)
-    killer = Killer(stack, SEED + 1)
+    # Two churns (each with its own pods) keep calls in flight when a kill lands.
+    churns = [Churn(containers, patient, SEED * 100 + index) for index in range(CHURNS)]
+    failures: list[BaseException] = []
+    deadline = time.monotonic() + CHAOS_SECONDS
+
+    def churn_until_deadline(churn: Churn) -> None:
+        try:
+            while time.monotonic() < deadline and not failures:
+                churn.step()
+        except BaseException as exc:  # re-raised in the test's thread
+            failures.append(exc)
+
+    killer = Killer(stack, SEED)
+    threads = [threading.Thread(target=churn_until_deadline, args=(churn,)) for churn in churns]
     killer.start()
     try:
-        deadline = time.monotonic() + CHAOS_SECONDS
-        while time.monotonic() < deadline:
-            churn.step()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     finally:
         killer.done.set()
         killer.join(30)
+    if failures:
+        raise failures[0]
     assert not killer.errors, killer.errors
     assert len(killer.kills) >= CHAOS_SECONDS / KILL_INTERVAL[1] - 1
     assert {service for _, service in killer.kills} == set(SERVICES), killer.kills
@@ -208,10 +225,11 @@ def test_chaos_churn_while_services_are_killed(fault_containers: Containers, pat
     assert record.codes().get("UNAVAILABLE", 0) > 0, "the chaos never made a call fail: it tested nothing"
 
     # Every pod and container the churn believes in is listed, nothing else.
+    model_pods = {sandbox_id for churn in churns for sandbox_id in churn.pods}
     listed_pods = {item.id: item for item in patient.pods()}
-    assert set(listed_pods) == set(churn.pods) | {keeper_pod[0]}
+    assert set(listed_pods) == model_pods | {keeper_pod[0]}
     assert all(item.state == api_pb2.SANDBOX_READY for item in listed_pods.values())
-    expected = {container.id: container for _, container in churn.all_containers()}
+    expected = {container.id: container for churn in churns for _, container in churn.all_containers()}
     listed = {item.id: item for item in patient.containers()}
     assert set(listed) == set(expected) | {keeper}, (set(listed) ^ (set(expected) | {keeper}))
     for container in expected.values():
@@ -243,9 +261,10 @@ def test_chaos_churn_while_services_are_killed(fault_containers: Containers, pat
     assert_ticks_contiguous(text, at_least=int(CHAOS_SECONDS * 10))
     assert text.rstrip("\n").endswith("stdout F bye") and len(ticks_in(text)) > 0
 
-    for sandbox_id in list(churn.pods) + [keeper_pod[0]]:
+    for sandbox_id in list(model_pods) + [keeper_pod[0]]:
         patient.stop_pod(sandbox_id)
         patient.remove_pod(sandbox_id)
     assert patient.pods() == [] and patient.containers() == []
     assert_no_leaks(stack)
-    print(f"chaos seed {SEED}: {len(killer.kills)} kills, operations {churn.operations}, calls {record.codes()}")
+    operations = [churn.operations for churn in churns]
+    print(f"chaos seed {SEED}: {len(killer.kills)} kills, operations {operations}, calls {record.codes()}")
