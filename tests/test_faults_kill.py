@@ -29,7 +29,7 @@ from tests.fixtures_faults import (
     wait_restarted,
 )
 from tests.fixtures_pods import pod_config
-from tests.harness import Stack, wait_until
+from tests.harness import Stack, leak_report, wait_until
 
 
 def create_in_background(patient: Patient, pod: tuple[str, api_pb2.PodSandboxConfig], config: api_pb2.ContainerConfig) -> tuple[threading.Thread, dict[str, Any]]:
@@ -59,28 +59,37 @@ def setup(stack: SlowCreateStack, test_images: fixtures_containers.TestImages) -
     return containers, Patient(stack)
 
 
+def kill_mid_create(
+    stack: SlowCreateStack, containers: Containers, patient: Patient, service: str
+) -> tuple[tuple[str, api_pb2.PodSandboxConfig], api_pb2.ContainerConfig]:
+    """CreateContainer on the slow runtime, SIGKILL `service` while the
+    runtime's create runs: the call fails UNAVAILABLE at once, never hangs."""
+    pod = containers.pod(runtime_handler="slow")
+    config = containers.config("main", command=["sleep", "3600"])
+    thread, outcome = create_in_background(patient, pod, config)
+    wait_until(stack.create_started, 30, interval=0.02, what="runtime create in progress")
+    old = kill_service(stack, service)
+    thread.join(30)
+    assert not thread.is_alive(), f"CreateContainer hung after {service} died"
+    assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE, outcome
+    assert outcome["elapsed"] < 10
+    wait_restarted(stack, service, old)
+    wait_all_running(stack)
+    return pod, config
+
+
 def test_shimd_killed_mid_create_leaves_nothing(slow_create_stack: SlowCreateStack, test_images: fixtures_containers.TestImages) -> None:
     stack = slow_create_stack
     containers, patient = setup(stack, test_images)
     try:
-        pod = containers.pod(runtime_handler="slow")
-        config = containers.config("main", command=["sleep", "3600"])
-        thread, outcome = create_in_background(patient, pod, config)
-        wait_until(stack.create_started, 30, interval=0.02, what="runtime create in progress")
-        old = kill_service(stack, "shimd")
-        thread.join(30)
-        assert not thread.is_alive(), "CreateContainer hung after shimd died"
-        assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE, outcome
-        assert outcome["elapsed"] < 10
-        wait_restarted(stack, "shimd", old)
-        wait_all_running(stack)
+        pod, config = kill_mid_create(stack, containers, patient, "shimd")
         # Never a half-made container: nothing, at any time after the restart,
         # even once the lingering `runtime create` has finished.
         deadline = time.monotonic() + SLOW_CREATE_SECONDS + 5
         while time.monotonic() < deadline:
             assert containers_of(patient, pod[0]) == []
             time.sleep(0.2)
-        assert_no_leaks_but_pod(stack, patient, pod[0])
+        assert_no_leaks_but_pod(stack)
         # The name is free: the same container is created and runs.
         container_id = containers.create(pod, config)
         containers.start(container_id)
@@ -96,17 +105,7 @@ def test_crigw_killed_mid_create_gives_the_finished_container(slow_create_stack:
     stack = slow_create_stack
     containers, patient = setup(stack, test_images)
     try:
-        pod = containers.pod(runtime_handler="slow")
-        config = containers.config("main", command=["sleep", "3600"])
-        thread, outcome = create_in_background(patient, pod, config)
-        wait_until(stack.create_started, 30, interval=0.02, what="runtime create in progress")
-        old = kill_service(stack, "crigw")
-        thread.join(30)
-        assert not thread.is_alive(), "CreateContainer hung after crigw died"
-        assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE, outcome
-        assert outcome["elapsed"] < 10
-        wait_restarted(stack, "crigw", old)
-        wait_all_running(stack)
+        pod, _ = kill_mid_create(stack, containers, patient, "crigw")
         # shimd finished the create: the container appears complete (never
         # half-made), and works.
         found = wait_until(lambda: containers_of(patient, pod[0]), SLOW_CREATE_SECONDS + 20, what="the container listed")
@@ -121,13 +120,11 @@ def test_crigw_killed_mid_create_gives_the_finished_container(slow_create_stack:
         patient.close()
 
 
-def assert_no_leaks_but_pod(stack: Stack, patient: Patient, sandbox_id: str) -> None:
+def assert_no_leaks_but_pod(stack: Stack) -> None:
     """Nothing of a container is left: no runtime container, no container
-    process, no rootfs mount (the pod's own pins and shm stay)."""
-    from tests.harness import leak_report
-
+    process or shim, no rootfs mount (the pod's own pins and shm stay)."""
     report = leak_report(stack)
-    assert report["runtime_containers"] == [], report
+    assert report["runtime_containers"] == [] and report["processes"] == [], report
     rootfs_mounts = [point for point in report["mounts"] if "/rootfs/" in point]
     assert rootfs_mounts == [], report
     shim_dirs = list((stack.state_dir / "shimd" / "containers").iterdir())
