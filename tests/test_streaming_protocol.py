@@ -19,6 +19,9 @@ from services.crigw.streaming.server import RequestCache
 from tests.fixtures_streaming import LocalStreaming
 from tests.streaming_client import PortForwardSession, SpdyClient, WebSocketClient, open_remote_command
 
+# The client asserts on protocol violations in its read thread: make those fail the test.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 
 def test_spdy_ping_is_answered(local_streaming: LocalStreaming) -> None:
     session = open_remote_command(local_streaming.exec_url(["sleep", "1"], stderr=False), stdout=True, stderr=False)

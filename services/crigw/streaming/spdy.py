@@ -56,6 +56,8 @@ WRITE_CHUNK = 64 * 1024
 # Bytes a stream buffers from the client before the read loop waits for the
 # stream's consumer.
 STREAM_BUFFER_LIMIT = 4 * 1024 * 1024
+# How long a writer waits for its stream's SYN_REPLY to go out (it follows at once).
+REPLY_WAIT_SECONDS = 10.0
 # A control frame bigger than this is a protocol error (header blocks are tiny).
 MAX_CONTROL_LENGTH = 1 << 20
 
@@ -170,6 +172,10 @@ class SpdyStream:
         self._remote_closed = remote_closed
         self._local_closed = False
         self._reset = False
+        # Set once our SYN_REPLY is on the wire: spdystream drops DATA on a
+        # stream it has no reply for, so nothing may be sent before it (the
+        # role of apimachinery's replySent channel).
+        self.replied = threading.Event()
 
     def header(self, name: str) -> str:
         values = self.headers.get(name.lower())
@@ -202,12 +208,18 @@ class SpdyStream:
             self._reset = True
             self._local_closed = True
             self._cond.notify_all()
+        self.replied.set()  # wakes writers, who then see the reset
 
     # --- writing: data for the client ----------------------------------
+
+    def _wait_replied(self) -> None:
+        if not self.replied.wait(REPLY_WAIT_SECONDS) or self._reset:
+            raise BrokenPipeError(f"stream {self.id} is not open")
 
     def write(self, data: bytes) -> None:
         if self._local_closed:
             raise BrokenPipeError(f"stream {self.id} is closed")
+        self._wait_replied()
         view = memoryview(data)
         for start in range(0, len(view), WRITE_CHUNK):
             self.connection.send(data_frame(self.id, 0, bytes(view[start : start + WRITE_CHUNK])))
@@ -218,6 +230,7 @@ class SpdyStream:
             return
         self._local_closed = True
         try:
+            self._wait_replied()
             self.connection.send(data_frame(self.id, FLAG_FIN, b""))
         except OSError:
             pass
@@ -338,6 +351,7 @@ class SpdyConnection:
             return
         self._streams[stream_id] = stream
         self._reply(stream_id)
+        stream.replied.set()
 
     def _send_reset(self, stream_id: int, status: int) -> None:
         self.send(control_frame(RST_STREAM, 0, struct.pack(">II", stream_id, status)))
