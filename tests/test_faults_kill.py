@@ -166,3 +166,42 @@ def test_netd_killed_at_any_point_of_run_pod_sandbox(fresh_stack: Stack, patient
             patient.stop_pod(item.id)
             patient.remove_pod(item.id)
         assert_no_leaks(stack)
+
+
+def test_removals_while_imaged_is_down_finish_once_it_is_back(fault_containers: Containers, patient: Patient) -> None:
+    """A RemoveContainer (or a failed CreateContainer) that cannot release the
+    root filesystem because imaged is down answers UNAVAILABLE; the container
+    is no longer listed, and shimd finishes the removal by itself once imaged
+    is back, without a restart of its own."""
+    containers = fault_containers
+    stack = containers.stack
+    pod = containers.pod()
+    container_id = containers.run(pod, name="main", command=["sleep", "3600"])
+    shimd_pid = stack.service_pid("shimd")
+    stack.supervisorctl("stop", "imaged")
+    try:
+        request = api_pb2.RemoveContainerRequest(container_id=container_id)
+        started = time.monotonic()
+        try:
+            patient.once("RemoveContainer", request, 30)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        assert time.monotonic() - started < 10
+        failed_create = api_pb2.CreateContainerRequest(
+            pod_sandbox_id=pod[0], config=containers.config("other", command=["sleep", "3600"]), sandbox_config=pod[1]
+        )
+        try:
+            patient.once("CreateContainer", failed_create, 30)
+            raise AssertionError("CreateContainer worked without imaged")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        assert containers_of(patient, pod[0]) == []
+    finally:
+        stack.supervisorctl("start", "imaged")
+    wait_all_running(stack)
+    container_dirs = stack.state_dir / "shimd" / "containers"
+    wait_until(lambda: not list(container_dirs.iterdir()), 30, what="shimd to finish the removals")
+    assert stack.service_pid("shimd") == shimd_pid
+    assert_no_leaks_but_pod(stack)
+    containers.cleanup()
+    assert_no_leaks(stack)

@@ -136,17 +136,28 @@ class ShimDaemon:
                     self._adopt_start(record)
                 except PyrioError as exc:
                     log.warning("cannot ask the runtime about a created container", extra={"container_id": record["id"], "error": str(exc)})
-            if record.get("phase") not in (PHASE_CREATING, PHASE_REMOVING):
-                continue
-            for attempt in range(30):
-                try:
-                    with self.store.lock_for(record["id"]):
-                        self._destroy(record)
-                    log.info("finished an interrupted create/remove", extra={"container_id": record["id"]})
-                    break
-                except PyrioError as exc:
-                    log.info("retrying interrupted clean-up", extra={"container_id": record["id"], "error": str(exc)})
-                    time.sleep(min(5.0, 0.5 * (attempt + 1)))
+            if record.get("phase") in (PHASE_CREATING, PHASE_REMOVING):
+                self._destroy_with_retries(record)
+
+    def _destroy_with_retries(self, record: dict[str, Any]) -> None:
+        """Finish removing a container whose removal failed or was interrupted
+        (imaged down, say). Its record is no longer listed, so nobody else
+        would ever retry: keep at it here."""
+        for attempt in range(60):
+            try:
+                with self.store.lock_for(record["id"]):
+                    if self.store.find(record["id"]) is None:
+                        return
+                    self._destroy(record)
+                log.info("finished an interrupted create/remove", extra={"container_id": record["id"]})
+                return
+            except PyrioError as exc:
+                log.info("retrying interrupted clean-up", extra={"container_id": record["id"], "error": str(exc)})
+                time.sleep(min(5.0, 0.5 * (attempt + 1)))
+        log.error("giving up cleaning up a container until shimd restarts", extra={"container_id": record["id"]})
+
+    def _destroy_later(self, record: dict[str, Any]) -> None:
+        threading.Thread(target=self._destroy_with_retries, args=(record,), name="shimd-cleanup", daemon=True).start()
 
     def _adopt_start(self, record: dict[str, Any]) -> None:
         """A shimd killed between `runtime start` and saving the record left a
@@ -261,8 +272,9 @@ class ShimDaemon:
             try:
                 self._destroy(record)
             except PyrioError as cleanup_error:
-                log.warning("clean-up of a failed create is left for later",
+                log.warning("clean-up of a failed create is retried in the background",
                             extra={"container_id": container_id, "error": str(cleanup_error)})
+                self._destroy_later(record)
             raise
         finally:
             container_lock.release()
@@ -450,7 +462,13 @@ class ShimDaemon:
         with self.store.lock_for(record["id"]):
             if self.store.find(record["id"]) is None:
                 return
-            self._destroy(record)
+            try:
+                self._destroy(record)
+            except PyrioError:
+                # The record is now `removing` and unlisted: the kubelet will
+                # not ask again, so the removal goes on in the background.
+                self._destroy_later(record)
+                raise
         log.info("container removed", extra={"container_id": record["id"]})
 
     def _check_open(self, sandbox_id: str) -> None:
