@@ -174,3 +174,23 @@ def test_streaming_config_is_checked(tmp_path) -> None:
             StreamingServer(StreamingSection(port=busy.getsockname()[1]), backend=None).start()  # type: ignore[arg-type]
     finally:
         busy.close()
+
+
+def test_port_forward_session_forgets_finished_connections(local_streaming: LocalStreaming) -> None:
+    # Many short connections on one long session must not pile up server-side state.
+    local_streaming.target.start_detached("sh", "-c", "nc -ll -p 7500 -e cat")
+    forward = PortForwardSession(local_streaming.port_forward_url([7500]))
+    try:
+        for n in range(30):
+            reply, error = forward.exchange(7500, b"n%d\n" % n)
+            if error:  # the listener may not be up for the first ones
+                time.sleep(0.1)
+                continue
+            assert reply == b"n%d\n" % n
+        from services.crigw.streaming.spdy import SpdyConnection
+
+        with local_streaming.server._sessions_lock:
+            connections = [c for c in local_streaming.server._sessions if isinstance(c, SpdyConnection)]
+        assert connections and all(len(c._streams) <= 2 for c in connections)
+    finally:
+        forward.close()

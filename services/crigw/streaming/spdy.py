@@ -234,6 +234,8 @@ class SpdyStream:
             self.connection.send(data_frame(self.id, FLAG_FIN, b""))
         except OSError:
             pass
+        if self._remote_closed:
+            self.connection.forget(self.id)
 
     def reset(self, status: int = CANCEL) -> None:
         if self._reset:
@@ -308,7 +310,7 @@ class SpdyConnection:
             if stream is not None:
                 stream._deliver(data, bool(flags & FLAG_FIN))
                 if flags & FLAG_FIN and stream._local_closed:
-                    self._streams.pop(stream.id, None)
+                    self.forget(stream.id)
             return
         version, frame_type = (first >> 16) & 0x7FFF, first & 0xFFFF
         if length > MAX_CONTROL_LENGTH:
@@ -352,6 +354,10 @@ class SpdyConnection:
         self._streams[stream_id] = stream
         self._reply(stream_id)
         stream.replied.set()
+
+    def forget(self, stream_id: int) -> None:
+        """Drop a stream closed both ways (a long port-forward session opens many)."""
+        self._streams.pop(stream_id, None)
 
     def _send_reset(self, stream_id: int, status: int) -> None:
         self.send(control_frame(RST_STREAM, 0, struct.pack(">II", stream_id, status)))
