@@ -11,10 +11,14 @@ import logging
 import signal
 import threading
 
-from common.daemon import start_process
+from common.daemon import exit_now, start_process
 from services.crigw.gateway import Gateway
 from services.crigw.server import build_server
 from services.crigw.streaming import start_streaming_server
+
+# CRI calls in flight at a restart get this long to finish; the kubelet
+# retries the others, and a restart must stay well under 2 s.
+STOP_GRACE_SECONDS = 1.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,10 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     log.info("serving CRI", extra={"socket": config.pyrio.socket, "streaming": streaming.base_url, "config": config.source})
     stopping.wait()
     streaming.stop()
-    server.stop(grace=2).wait()
+    server.stop(grace=STOP_GRACE_SECONDS).wait()
     gateway.close()
     log.info("stopped")
     logging.shutdown()
+    exit_now()
 
 
 if __name__ == "__main__":
