@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import signal
 import signal as signals
-import subprocess
+import threading
+import time
 from pathlib import Path
 
+import grpc
 from cri_api.v1 import api_pb2
 
 from tests.fixtures_containers import CONTAINER_EXITED, CONTAINER_RUNNING, Containers, wait_for_log
@@ -133,3 +135,40 @@ def _alive(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def test_restart_does_not_wait_for_calls_in_flight(fault_containers: Containers, patient: Patient) -> None:
+    """A restart during a long ExecSync: the call ends at once with
+    UNAVAILABLE (the kubelet retries), the daemon exits on SIGTERM by itself
+    rather than being SIGKILLed after stopwaitsecs, and the container runs on."""
+    containers = fault_containers
+    stack = containers.stack
+    container_id = containers.run(command=["sleep", "3600"])
+    pid = patient.info(container_id)["pid"]
+    for service in ("shimd", "crigw"):
+        outcome: dict[str, object] = {}
+
+        def long_exec() -> None:
+            request = api_pb2.ExecSyncRequest(container_id=container_id, cmd=["sleep", "30"], timeout=40)
+            started = time.monotonic()
+            try:
+                patient.once("ExecSync", request, 60)
+                outcome["code"] = "OK"
+            except grpc.RpcError as exc:
+                outcome["code"] = exc.code().name
+            outcome["elapsed"] = time.monotonic() - started
+
+        caller = threading.Thread(target=long_exec)
+        caller.start()
+        time.sleep(1)
+        stack.supervisorctl("restart", service)
+        caller.join(40)
+        assert outcome["code"] == "UNAVAILABLE" and outcome["elapsed"] < 20, outcome
+        log = (stack.supervisor_dir / "supervisord.log").read_text()
+        stops = [line for line in log.splitlines() if f"stopped: {service} " in line]
+        assert stops and "exit status 0" in stops[-1], stops
+        wait_all_running(stack)
+        assert patient.status(container_id).state == CONTAINER_RUNNING
+        assert patient.info(container_id)["pid"] == pid
+    containers.cleanup()
+    assert_no_leaks(stack)
