@@ -1,11 +1,11 @@
-"""Chaos (issue 6): a seeded churn of pods and containers while a second
+"""Chaos (issue 6): a seeded churn of pods and containers while another
 thread SIGKILLs a random service every few seconds.
 
 Two churns (run pod, create, start, exec, stop, remove container, stop and
 remove pod), each on pods of its own, keep a model of what they believe
-exists. Calls made during an
-outage may fail with UNAVAILABLE and are retried (a create whose reply was
-lost is looked up by name before it is tried again), but none may hang:
+exists. Calls made during an outage may fail with UNAVAILABLE and are
+retried (a create whose reply was lost is looked up by name before it is
+tried again), but none may hang:
 every attempt ends within its gRPC deadline and none runs into it. When the
 chaos ends and every service is back, the node must match the model: every
 pod and container listed with the right state, short containers' exits
@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 from cri_api.v1 import api_pb2
 
 from tests.fixtures_containers import CONTAINER_CREATED, CONTAINER_EXITED, CONTAINER_RUNNING, Containers, wait_for_log
