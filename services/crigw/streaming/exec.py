@@ -22,6 +22,7 @@ import struct
 import subprocess
 import termios
 import threading
+import tty
 import time
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,10 @@ class ExecSession:
 
     def _run_tty(self, streams: RemoteStreams, cancelled: threading.Event) -> int:
         master, slave = pty.openpty()
+        # Raw from the start: the runtime makes it raw too, but only once it
+        # runs, and keystrokes arriving before that would be echoed back and
+        # get their newlines doubled by our side of the terminal.
+        tty.setraw(slave)
         process: subprocess.Popen | None = None
         first_size: list[tuple[int, int]] = []
         sized = threading.Event()
