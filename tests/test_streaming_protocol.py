@@ -15,7 +15,7 @@ import pytest
 
 from common.errors import ResourceExhausted
 from services.crigw.streaming.remotecommand import RemoteStreams
-from services.crigw.streaming.server import RequestCache
+from services.crigw.streaming.tokens import RequestCache
 from tests.fixtures_streaming import LocalStreaming
 from tests.streaming_client import PortForwardSession, SpdyClient, WebSocketClient, open_remote_command
 

@@ -11,34 +11,28 @@ that), and a session with no traffic for `stream_idle_timeout` is closed.
 
 from __future__ import annotations
 
-import base64
 import logging
-import secrets
 import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
-from urllib.parse import parse_qs, urlsplit
 
 from common.config import StreamingSection
-from common.errors import PyrioError, ResourceExhausted
+from common.errors import PyrioError
 from services.crigw.streaming import portforward, remotecommand, websocket
+from services.crigw.streaming.http_messages import HttpRequest, http_response, read_http_request
 from services.crigw.streaming.portforward import Dialer
 from services.crigw.streaming.remotecommand import RemoteStreams, StreamOptions
 from services.crigw.streaming.spdy import SpdyConnection
+from services.crigw.streaming.tokens import RequestCache
 
 log = logging.getLogger("pyrio.crigw.streaming")
 
 KINDS = ("exec", "attach", "portforward")
-# As the kubelet: at most this many URLs handed out and not yet used.
-MAX_IN_FLIGHT = 1000
 # How long a client has, after the upgrade, to open the streams it asked for.
 STREAM_CREATION_TIMEOUT = 30.0
 REQUEST_READ_TIMEOUT = 30.0
-MAX_HEADER_BYTES = 64 * 1024
 SPDY_UPGRADE = "spdy/3.1"
 # The kubelet's words for a session that failed for another reason than the command's exit code.
 FAILURE_PREFIX = {"exec": "error executing command in container", "attach": "error attaching to container"}
@@ -52,99 +46,6 @@ class SessionBackend(Protocol):
     def attach(self, request: dict[str, Any], streams: RemoteStreams, cancelled: threading.Event) -> dict[str, Any]: ...
 
     def port_dialer(self, request: dict[str, Any]) -> Dialer: ...
-
-
-class RequestCache:
-    """Single-use tokens for stored requests, expiring after `ttl` seconds."""
-
-    def __init__(self, ttl: float, max_in_flight: int = MAX_IN_FLIGHT) -> None:
-        self.ttl = ttl
-        self.max_in_flight = max_in_flight
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[str, tuple[float, str, dict[str, Any]]] = OrderedDict()
-
-    def _expire(self, now: float) -> None:
-        while self._entries:
-            token, (expires, _, _) = next(iter(self._entries.items()))
-            if expires > now:
-                break
-            del self._entries[token]
-
-    def insert(self, kind: str, request: dict[str, Any]) -> str:
-        now = time.monotonic()
-        with self._lock:
-            self._expire(now)
-            if len(self._entries) >= self.max_in_flight:
-                raise ResourceExhausted(
-                    f"too many streaming requests in flight ({self.max_in_flight}); retry after some are used or expire"
-                )
-            token = base64.urlsafe_b64encode(secrets.token_bytes(18)).decode().rstrip("=")
-            self._entries[token] = (now + self.ttl, kind, request)
-            return token
-
-    def consume(self, token: str, kind: str) -> dict[str, Any] | None:
-        """The request stored for this token and kind, at most once; None otherwise."""
-        with self._lock:
-            self._expire(time.monotonic())
-            entry = self._entries.pop(token, None)
-        if entry is None or entry[1] != kind:
-            return None
-        return entry[2]
-
-
-@dataclass
-class HttpRequest:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, list[str]]
-
-    def header(self, name: str) -> str:
-        values = self.headers.get(name.lower())
-        return values[0] if values else ""
-
-    def header_values(self, name: str) -> list[str]:
-        return [part.strip() for value in self.headers.get(name.lower(), []) for part in value.split(",") if part.strip()]
-
-    def is_upgrade(self, protocol: str) -> bool:
-        connection = ",".join(self.headers.get("connection", [])).lower()
-        return "upgrade" in connection and self.header("upgrade").lower() == protocol
-
-
-def read_http_request(reader: BinaryIO) -> HttpRequest | None:
-    request_line = reader.readline(MAX_HEADER_BYTES)
-    if not request_line:
-        return None
-    parts = request_line.decode("latin-1").split()
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise ValueError("malformed request line")
-    headers: dict[str, list[str]] = {}
-    total = len(request_line)
-    while True:
-        line = reader.readline(MAX_HEADER_BYTES)
-        total += len(line)
-        if total > MAX_HEADER_BYTES:
-            raise ValueError("request headers too large")
-        if line in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    target = urlsplit(parts[1])
-    return HttpRequest(method=parts[0], path=target.path, query=parse_qs(target.query), headers=headers)
-
-
-def http_response(status: int, reason: str, headers: list[tuple[str, str]] | None = None, body: str = "") -> bytes:
-    lines = [f"HTTP/1.1 {status} {reason}"]
-    all_headers = list(headers or [])
-    if status != 101:
-        all_headers += [
-            ("Content-Type", "text/plain; charset=utf-8"),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Content-Length", str(len(body.encode()))),
-            ("Connection", "close"),
-        ]
-    lines += [f"{name}: {value}" for name, value in all_headers]
-    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
 
 
 class StreamingServer:
