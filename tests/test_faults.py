@@ -3,16 +3,16 @@ thread SIGKILLs a random service every few seconds (and now and then
 restarts one with `supervisorctl restart`, the upgrade path).
 
 Two churns (run pod, create, start, exec, stop, remove container, stop and
-remove pod, pull the image again), each on pods of its own, keep a model of what they believe
-exists. Calls made during an outage may fail with UNAVAILABLE and are
-retried (a create whose reply was lost is looked up by name before it is
-tried again), but none may hang:
-every attempt ends within its gRPC deadline and none runs into it. When the
-chaos ends and every service is back, the node must match the model: every
-pod and container listed with the right state, short containers' exits
-reported with their own exit codes, a container started before the chaos
-still running with the same PID and a log without a lost or duplicated
-line. Then everything is removed and nothing may be left on the node.
+remove pod, pull the image again), each on pods of its own, keep a model of
+what they believe exists. Calls made during an outage may fail with
+UNAVAILABLE and are retried (a create whose reply was lost is looked up by
+name before it is tried again), but none may hang: every attempt ends
+within its gRPC deadline and none runs into it. When the chaos ends and
+every service is back, the node must match the model: every pod and
+container listed with the right state, short containers' exits reported
+with their own exit codes, a container started before the chaos still
+running with the same PID and a log without a lost or duplicated line.
+Then everything is removed and nothing may be left on the node.
 
 PYRIO_CHAOS_SEED picks another seed (default: fixed, so a run is repeatable
 in its choices; the timing of kills against calls still varies).
