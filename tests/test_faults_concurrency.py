@@ -12,8 +12,10 @@ from typing import Any
 import grpc
 from cri_api.v1 import api_pb2
 
+from common.config import load_config
+from common.daemon import client_for
 from tests.fixtures_containers import CONTAINER_RUNNING, Containers
-from tests.fixtures_faults import Patient, assert_no_leaks
+from tests.fixtures_faults import Patient, assert_no_leaks, wait_all_running
 
 PARALLEL = 8
 
@@ -87,3 +89,29 @@ def test_remove_pod_racing_create_container(fault_containers: Containers, patien
         assert patient.pods() == []
         assert patient.containers() == [], [(c.id, c.metadata.name, c.state) for c in patient.containers()]
     assert_no_leaks(containers.stack)
+
+
+def test_a_closing_pod_stays_closed_to_creates_across_a_shimd_restart(fault_containers: Containers, patient: Patient) -> None:
+    """Between shimd's remove_all and netd's remove of a pod, a create must be
+    refused, even by a shimd restarted in that window."""
+    containers = fault_containers
+    stack = containers.stack
+    pod = containers.pod()
+    client = client_for(load_config(str(stack.config_path)), "shimd", timeout=30)
+    try:
+        client.call("container.remove_all", {"sandbox_id": pod[0]}, idempotent=True)
+    finally:
+        client.close()
+    stack.supervisorctl("restart", "shimd")
+    wait_all_running(stack)
+    request = api_pb2.CreateContainerRequest(
+        pod_sandbox_id=pod[0], config=containers.config("late", command=["sleep", "60"]), sandbox_config=pod[1]
+    )
+    try:
+        patient.call("CreateContainer", request, 60)
+        raise AssertionError("a container was created in a pod being removed")
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "being stopped or removed" in exc.details(), exc
+    assert patient.containers() == []
+    containers.cleanup()
+    assert_no_leaks(stack)

@@ -34,7 +34,7 @@ from common.errors import (
 )
 from common.ids import new_id
 from common.rpc import CallContext, RpcServer
-from common.state import atomic_write_json
+from common.state import atomic_write_bytes, atomic_write_json, remove_file
 from services.shimd import cgroup_stats, oci_spec
 from services.shimd.records import (
     CREATED,
@@ -104,8 +104,16 @@ class ShimDaemon:
         self.netd = client_for(config, "netd")
         self.imaged = client_for(config, "imaged")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shimd-bulk")
-        # Pods whose StopPodSandbox/RemovePodSandbox began, by id -> when.
+        # Pods whose StopPodSandbox/RemovePodSandbox began, by id -> when (unix
+        # time); kept as files too, so a restarted shimd still refuses them.
+        self._closing_dir = config.service_state_dir("shimd") / "closing"
+        self._closing_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._closing: dict[str, float] = {}
+        for entry in self._closing_dir.iterdir():
+            try:
+                self._closing[entry.name] = entry.stat().st_mtime
+            except FileNotFoundError:
+                pass
         self._recovery = threading.Thread(target=self._finish_interrupted, name="shimd-recover", daemon=True)
         self._recovery.start()
 
@@ -483,11 +491,14 @@ class ShimDaemon:
         if not sandbox_id:
             raise InvalidArgument("sandbox_id must not be empty")
         with self.store.lock:
-            now = time.monotonic()
+            now = time.time()
             # A pod stopped long ago is known to netd as not ready (or gone),
             # which refuses creates just as well: forget it here.
             for stale in [key for key, at in self._closing.items() if now - at > CLOSING_MEMORY_SECONDS]:
                 del self._closing[stale]
+                remove_file(self._closing_dir / stale)
+            if sandbox_id not in self._closing and all(char in "0123456789abcdef" for char in sandbox_id):
+                atomic_write_bytes(self._closing_dir / sandbox_id, b"")
             self._closing[sandbox_id] = now
             return [record for record in self.store.all() if record["sandbox_id"] == sandbox_id]
 
