@@ -307,29 +307,32 @@ def log_file_of(containers: Containers, name: str = "main") -> Path:
     return files[0]
 
 
-# --- a runtime that lingers in `create` ------------------------------------------
+# --- a runtime that lingers in `create` and `delete` ------------------------------
 
-# Wraps runc: `create` first notes that it started (the marker file) and
-# waits SLOW_CREATE_SECONDS, so a test can kill a service mid-CreateContainer.
-SLOW_CREATE_SECONDS = 3
+# Wraps runc: `create` and `delete` first note that they started (a marker
+# file per command) and wait SLOW_SECONDS, so a test can kill a service in
+# the middle of CreateContainer or RemoveContainer.
+SLOW_SECONDS = 3
 SLOW_RUNTIME = """#!/bin/sh
 for arg in "$@"; do
-    if [ "$arg" = create ]; then touch {marker}; sleep {seconds}; break; fi
+    case "$arg" in
+    create|delete) touch {markers}-$arg; sleep {seconds}; break;;
+    esac
 done
 exec /usr/sbin/runc "$@"
 """
 
 
-class SlowCreateStack(Stack):
-    """A private stack with a runtime handler "slow" (runc with a slow create).
-
-    Its runc root is runc's own, so leak_report sees its containers."""
+class SlowRuntimeStack(Stack):
+    """A private stack with a runtime handler "slow" (runc, lingering in
+    create and delete). Its runc root is runc's own, so leak_report sees
+    its containers."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.marker = self.root / "create-started"
+        self.markers = self.root / "runtime-started"
         wrapper = self.root / "slow-runc"
-        wrapper.write_text(SLOW_RUNTIME.format(marker=self.marker, seconds=SLOW_CREATE_SECONDS))
+        wrapper.write_text(SLOW_RUNTIME.format(markers=self.markers, seconds=SLOW_SECONDS))
         wrapper.chmod(0o755)
         runc_root = str(self.run_dir / "runtimes" / "runc")
         self.config["runtime"]["runtimes"] = {
@@ -339,13 +342,14 @@ class SlowCreateStack(Stack):
         }
         self.write_config()
 
-    def create_started(self) -> bool:
-        return self.marker.exists()
+    def runtime_started(self, command: str) -> bool:
+        """Whether the slow runtime's `command` (create, delete) has begun."""
+        return Path(f"{self.markers}-{command}").exists()
 
 
 @pytest.fixture
-def slow_create_stack() -> Iterator[SlowCreateStack]:
-    own = SlowCreateStack()
+def slow_runtime_stack() -> Iterator[SlowRuntimeStack]:
+    own = SlowRuntimeStack()
     try:
         own.start()
         yield own

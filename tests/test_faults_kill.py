@@ -4,14 +4,16 @@ The outcome must be the finished object or nothing visible, and whatever
 was half-made is cleaned up automatically once the service is back.
 imaged mid-PullImage is tests/test_images_faults.py, netd mid-CNI ADD is
 tests/test_network_faults.py; here: shimd and crigw mid-CreateContainer
-(on a runtime whose `create` lingers), and netd killed at a sweep of points
-of RunPodSandbox.
+and shimd mid-RemoveContainer (on a runtime whose `create` and `delete`
+linger), netd killed at a sweep of points of RunPodSandbox, and removals
+while imaged is down.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,9 +22,9 @@ from cri_api.v1 import api_pb2
 from tests import fixtures_containers
 from tests.fixtures_containers import CONTAINER_CREATED, CONTAINER_RUNNING, Containers
 from tests.fixtures_faults import (
-    SLOW_CREATE_SECONDS,
+    SLOW_SECONDS,
     Patient,
-    SlowCreateStack,
+    SlowRuntimeStack,
     assert_no_leaks,
     kill_service,
     wait_all_running,
@@ -53,21 +55,21 @@ def containers_of(patient: Patient, sandbox_id: str) -> list[api_pb2.Container]:
     return [item for item in patient.containers() if item.pod_sandbox_id == sandbox_id]
 
 
-def setup(stack: SlowCreateStack, test_images: fixtures_containers.TestImages) -> tuple[Containers, Patient]:
+def setup(stack: SlowRuntimeStack, test_images: fixtures_containers.TestImages) -> tuple[Containers, Patient]:
     containers = Containers(stack, test_images)
     containers.pull(test_images.busybox.reference)
     return containers, Patient(stack)
 
 
 def kill_mid_create(
-    stack: SlowCreateStack, containers: Containers, patient: Patient, service: str
+    stack: SlowRuntimeStack, containers: Containers, patient: Patient, service: str
 ) -> tuple[tuple[str, api_pb2.PodSandboxConfig], api_pb2.ContainerConfig]:
     """CreateContainer on the slow runtime, SIGKILL `service` while the
     runtime's create runs: the call fails UNAVAILABLE at once, never hangs."""
     pod = containers.pod(runtime_handler="slow")
     config = containers.config("main", command=["sleep", "3600"])
     thread, outcome = create_in_background(patient, pod, config)
-    wait_until(stack.create_started, 30, interval=0.02, what="runtime create in progress")
+    wait_until(lambda: stack.runtime_started("create"), 30, interval=0.02, what="runtime create in progress")
     old = kill_service(stack, service)
     thread.join(30)
     assert not thread.is_alive(), f"CreateContainer hung after {service} died"
@@ -78,14 +80,14 @@ def kill_mid_create(
     return pod, config
 
 
-def test_shimd_killed_mid_create_leaves_nothing(slow_create_stack: SlowCreateStack, test_images: fixtures_containers.TestImages) -> None:
-    stack = slow_create_stack
+def test_shimd_killed_mid_create_leaves_nothing(slow_runtime_stack: SlowRuntimeStack, test_images: fixtures_containers.TestImages) -> None:
+    stack = slow_runtime_stack
     containers, patient = setup(stack, test_images)
     try:
         pod, config = kill_mid_create(stack, containers, patient, "shimd")
         # Never a half-made container: nothing, at any time after the restart,
         # even once the lingering `runtime create` has finished.
-        deadline = time.monotonic() + SLOW_CREATE_SECONDS + 5
+        deadline = time.monotonic() + SLOW_SECONDS + 5
         while time.monotonic() < deadline:
             assert containers_of(patient, pod[0]) == []
             time.sleep(0.2)
@@ -101,18 +103,59 @@ def test_shimd_killed_mid_create_leaves_nothing(slow_create_stack: SlowCreateSta
         patient.close()
 
 
-def test_crigw_killed_mid_create_gives_the_finished_container(slow_create_stack: SlowCreateStack, test_images: fixtures_containers.TestImages) -> None:
-    stack = slow_create_stack
+def test_crigw_killed_mid_create_gives_the_finished_container(slow_runtime_stack: SlowRuntimeStack, test_images: fixtures_containers.TestImages) -> None:
+    stack = slow_runtime_stack
     containers, patient = setup(stack, test_images)
     try:
         pod, _ = kill_mid_create(stack, containers, patient, "crigw")
         # shimd finished the create: the container appears complete (never
         # half-made), and works.
-        found = wait_until(lambda: containers_of(patient, pod[0]), SLOW_CREATE_SECONDS + 20, what="the container listed")
+        found = wait_until(lambda: containers_of(patient, pod[0]), SLOW_SECONDS + 20, what="the container listed")
         assert len(found) == 1 and found[0].state == CONTAINER_CREATED
         containers.container_ids.append(found[0].id)
         containers.start(found[0].id)
         assert patient.status(found[0].id).state == CONTAINER_RUNNING
+        containers.cleanup()
+        assert_no_leaks(stack)
+    finally:
+        containers.cleanup()
+        patient.close()
+
+
+def test_shimd_killed_mid_remove_finishes_the_removal(slow_runtime_stack: SlowRuntimeStack, test_images: fixtures_containers.TestImages) -> None:
+    """RemoveContainer is idempotent: the gateway sends it again to the
+    restarted shimd (or the restart finishes it); either way the container
+    is gone and nothing of it is left."""
+    stack = slow_runtime_stack
+    containers, patient = setup(stack, test_images)
+    try:
+        pod = containers.pod(runtime_handler="slow")
+        container_id = containers.run(pod, name="main", command=["sleep", "3600"])
+        pid = patient.info(container_id)["pid"]
+        outcome: dict[str, Any] = {}
+
+        def remove() -> None:
+            try:
+                patient.once("RemoveContainer", api_pb2.RemoveContainerRequest(container_id=container_id), 60)
+                outcome["code"] = "OK"
+            except grpc.RpcError as exc:
+                outcome["code"] = exc.code().name
+
+        thread = threading.Thread(target=remove)
+        thread.start()
+        wait_until(lambda: stack.runtime_started("delete"), 30, interval=0.02, what="runtime delete in progress")
+        old = kill_service(stack, "shimd")
+        thread.join(60)
+        assert not thread.is_alive(), "RemoveContainer hung after shimd died"
+        assert outcome["code"] in ("OK", "UNAVAILABLE"), outcome
+        wait_restarted(stack, "shimd", old)
+        wait_all_running(stack)
+        wait_until(lambda: containers_of(patient, pod[0]) == [], 10, what="the container gone")
+        container_dirs = stack.state_dir / "shimd" / "containers"
+        wait_until(lambda: not list(container_dirs.iterdir()), SLOW_SECONDS * 3 + 10, what="the removal finished")
+        patient.remove(container_id)  # and removing it again is fine
+        assert not Path(f"/proc/{pid}").exists()
+        assert_no_leaks_but_pod(stack)
         containers.cleanup()
         assert_no_leaks(stack)
     finally:
