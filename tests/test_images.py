@@ -128,7 +128,10 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def test_pull_by_tag_then_status_list_remove(stack: Stack, registry: Registry) -> None:
-    image = build_and_push(registry, unique("pyrio/tagged"), "v1", layers=[busybox_layer()], config={"Cmd": ["sh"]})
+    name = unique("pyrio/tagged")
+    # A label of its own: the same content as another test's busybox would be
+    # the same image (one id), rightly listed with that image's tags too.
+    image = build_and_push(registry, name, "v1", layers=[busybox_layer()], config={"Cmd": ["sh"], "Labels": {"test": name}})
     image_ref = pull(stack, image.reference)
     assert image_ref == image.config_digest
     by_tag = status(stack, image.reference).image
