@@ -80,7 +80,8 @@ def assert_ticks_contiguous(log_text: str, at_least: int = 1) -> list[int]:
 
 
 def assert_no_leaks(stack: Stack) -> None:
-    """Every category of leak_report is empty, and no IP stays allocated."""
+    """Every category of leak_report is empty, no IP stays allocated, and no
+    service keeps state of a pod or container (call once all are removed)."""
     try:
         wait_until(lambda: not any(leak_report(stack).values()), 10, what="no leftovers")
     except TimeoutError:
@@ -88,6 +89,32 @@ def assert_no_leaks(stack: Stack) -> None:
     report = leak_report(stack)
     assert not any(report.values()), report
     assert host_local_allocations(stack) == []
+    assert_state_clean(stack)
+
+
+def assert_state_clean(stack: Stack) -> None:
+    """With every pod removed, no service keeps a record, a container or pod
+    directory, a rootfs, a CNI cache entry, a socket or a temp file of it."""
+    leftovers = []
+    for directory in (
+        stack.state_dir / "shimd" / "containers",
+        stack.state_dir / "netd" / "sandboxes",
+        stack.state_dir / "netd" / "cni",
+        stack.state_dir / "netd" / "pods",
+        stack.state_dir / "imaged" / "rootfs",
+        stack.state_dir / "imaged" / "containers",
+        stack.state_dir / "imaged" / "tmp",
+        stack.run_dir / "shims",
+        stack.run_dir / "netns",
+        stack.run_dir / "ipcns",
+        stack.run_dir / "utsns",
+        stack.run_dir / "pidns",
+    ):
+        if directory.is_dir():
+            leftovers += [str(path) for path in directory.iterdir()]
+    for path in stack.state_dir.rglob("*.tmp"):
+        leftovers.append(str(path))
+    assert leftovers == [], leftovers
 
 
 def stack_processes(stack: Stack) -> list[int]:
