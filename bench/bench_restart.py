@@ -25,8 +25,8 @@ from typing import Any, Callable
 import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from bench.bench_containers import start_sleeping_pod
 from tests.fixtures_images import start_registry
-from tests.fixtures_pods import pod_config
 from tests.harness import Stack
 from tests.oci_images import push_busybox
 
@@ -109,19 +109,7 @@ def run() -> dict[str, float | str]:
         stack.start()
         runtime = stack.runtime
         stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
-        config = pod_config(log_directory=str(stack.root / "pod-logs"))
-        sandbox_id = runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config), timeout=120).pod_sandbox_id
-        container = api_pb2.ContainerConfig(
-            metadata=api_pb2.ContainerMetadata(name="main"),
-            image=api_pb2.ImageSpec(image=image),
-            command=["sleep", "3600"],
-            log_path="main.log",
-        )
-        container.linux.security_context.namespace_options.pid = api_pb2.CONTAINER
-        container_id = runtime.CreateContainer(
-            api_pb2.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=container, sandbox_config=config), timeout=120
-        ).container_id
-        runtime.StartContainer(api_pb2.StartContainerRequest(container_id=container_id), timeout=60)
+        _, container_id = start_sleeping_pod(runtime, image, str(stack.root / "pod-logs"))
 
         def container_pid() -> int:
             status = stack.runtime.ContainerStatus(

@@ -196,27 +196,33 @@ class Patient:
                     raise OutageTooLong(f"{method} still {exc.code().name} after {self.budget}s: {exc.details()}") from exc
             time.sleep(0.1)
 
-    def resolve(self, method: str, request: Any, find: Callable[[], Any], timeout: float = 30.0) -> Any:
-        """A non-idempotent create: when an attempt's outcome is unknown
-        (UNAVAILABLE: the reply may be lost, or ALREADY_EXISTS after such an
-        attempt), look for the object before trying again."""
+    def resolve(
+        self,
+        what: str,
+        attempt: Callable[[], Any],
+        outcome: Callable[[], Any],
+        known_after_retry: tuple[grpc.StatusCode, ...],
+    ) -> Any:
+        """A non-idempotent call: after an attempt whose outcome is unknown
+        (UNAVAILABLE: the reply may be lost), ask `outcome()` (None while the
+        call has not taken effect) before trying again. A code in
+        `known_after_retry` (ALREADY_EXISTS for a create) is then the lost
+        attempt's doing, not an error."""
         give_up = time.monotonic() + self.budget
         ambiguous = False
         while True:
             if ambiguous:
-                found = self.call_find(find)
+                found = self.call_find(outcome)
                 if found is not None:
                     return found
             try:
-                return self.once(method, request, timeout)
+                return attempt()
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.ALREADY_EXISTS and not ambiguous:
-                    raise
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS):
+                if exc.code() != grpc.StatusCode.UNAVAILABLE and not (ambiguous and exc.code() in known_after_retry):
                     raise
                 ambiguous = True
                 if time.monotonic() > give_up:
-                    raise OutageTooLong(f"{method}: no outcome after {self.budget}s: {exc.details()}") from exc
+                    raise OutageTooLong(f"{what}: no outcome after {self.budget}s: {exc.details()}") from exc
             time.sleep(0.1)
 
     def call_find(self, find: Callable[[], Any]) -> Any:
@@ -238,8 +244,13 @@ class Patient:
                     return item.id
             return None
 
-        reply = self.resolve("RunPodSandbox", api_pb2.RunPodSandboxRequest(config=config), find)
-        return reply if isinstance(reply, str) else reply.pod_sandbox_id
+        request = api_pb2.RunPodSandboxRequest(config=config)
+        return self.resolve(
+            "RunPodSandbox",
+            lambda: self.once("RunPodSandbox", request, 30).pod_sandbox_id,
+            find,
+            (grpc.StatusCode.ALREADY_EXISTS,),
+        )
 
     def create(self, sandbox_id: str, config: api_pb2.ContainerConfig, sandbox_config: api_pb2.PodSandboxConfig) -> str:
         def find() -> str | None:
@@ -250,29 +261,23 @@ class Patient:
             return None
 
         request = api_pb2.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=config, sandbox_config=sandbox_config)
-        reply = self.resolve("CreateContainer", request, find)
-        return reply if isinstance(reply, str) else reply.container_id
+        return self.resolve(
+            "CreateContainer",
+            lambda: self.once("CreateContainer", request, 30).container_id,
+            find,
+            (grpc.StatusCode.ALREADY_EXISTS,),
+        )
 
     def start(self, container_id: str) -> None:
         """StartContainer; after an attempt with an unknown outcome, a
         container that is no longer CREATED was started by it."""
-        give_up = time.monotonic() + self.budget
-        ambiguous = False
-        while True:
-            if ambiguous and self.status(container_id).state != api_pb2.CONTAINER_CREATED:
-                return
-            try:
-                self.once("StartContainer", api_pb2.StartContainerRequest(container_id=container_id), 30)
-                return
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE and not ambiguous:
-                    raise
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):
-                    raise
-                ambiguous = True
-                if time.monotonic() > give_up:
-                    raise OutageTooLong(f"StartContainer: no outcome after {self.budget}s") from exc
-            time.sleep(0.1)
+        request = api_pb2.StartContainerRequest(container_id=container_id)
+        self.resolve(
+            "StartContainer",
+            lambda: self.once("StartContainer", request, 30),
+            lambda: True if self.status(container_id).state != api_pb2.CONTAINER_CREATED else None,
+            (grpc.StatusCode.FAILED_PRECONDITION,),
+        )
 
     def status(self, container_id: str, verbose: bool = False) -> api_pb2.ContainerStatus:
         request = api_pb2.ContainerStatusRequest(container_id=container_id, verbose=verbose)
