@@ -37,6 +37,21 @@ PHASE_REMOVING = "removing"
 MAX_TERMINATION_MESSAGE = 4096
 
 
+_boot_id: str | None = None
+
+
+def current_boot_id() -> str:
+    """The kernel's id of this boot: a record made under another one outlived a reboot."""
+    global _boot_id
+    if _boot_id is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as handle:
+                _boot_id = handle.read().strip()
+        except OSError:
+            _boot_id = ""
+    return _boot_id
+
+
 def process_start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat (0 when gone): tells a live PID from a reused one."""
     try:
@@ -169,7 +184,11 @@ class ContainerStore:
         # ended. Re-read first: the shim may have written it just now.
         exit_record = self.read_exit(record["id"])
         if exit_record is None:
-            exit_record = self.record_lost_exit(record, "the shim exited before recording the container's exit")
+            if record.get("boot_id") and record["boot_id"] != current_boot_id():
+                reason = "the node rebooted while the container existed: its exit code is unknown"
+            else:
+                reason = "the shim exited before recording the container's exit"
+            exit_record = self.record_lost_exit(record, reason)
         return EXITED, exit_record
 
     def termination_message(self, record: dict[str, Any]) -> str:

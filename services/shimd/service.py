@@ -44,6 +44,7 @@ from services.shimd.records import (
     PHASE_REMOVING,
     RUNNING,
     ContainerStore,
+    current_boot_id,
     process_start_time,
 )
 from services.shimd.shim_client import shim_request, spawn_shim
@@ -258,6 +259,7 @@ class ShimDaemon:
             "stdin": bool(config.get("stdin")),
             "stdin_once": bool(config.get("stdin_once")),
             "phase": PHASE_CREATING,
+            "boot_id": current_boot_id(),
         }
         # The record is saved and its lock taken under the store lock, so a
         # StopPodSandbox/RemovePodSandbox of the pod either refuses this create
