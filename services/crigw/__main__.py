@@ -13,7 +13,7 @@ import threading
 
 from common.daemon import exit_now, start_process
 from services.crigw.gateway import Gateway
-from services.crigw.server import build_server
+from services.crigw.server import IN_FLIGHT, build_server
 from services.crigw.streaming import start_streaming_server
 
 # CRI calls in flight at a restart get this long to finish; the kubelet
@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     log.info("serving CRI", extra={"socket": config.pyrio.socket, "streaming": streaming.base_url, "config": config.source})
     stopping.wait()
     streaming.stop()
-    server.stop(grace=STOP_GRACE_SECONDS).wait()
+    # Not server.stop(grace): it answers the calls still running after the
+    # grace with CANCELLED. Exiting with them open drops the connection, and
+    # their clients get UNAVAILABLE, the code that says "try again", as
+    # after a crash.
+    IN_FLIGHT.wait_idle(STOP_GRACE_SECONDS)
     gateway.close()
     log.info("stopped")
     logging.shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -50,6 +51,31 @@ def _unimplemented(method: str) -> Callable[[Any, Any], Any]:
     return handler
 
 
+class InFlightCalls:
+    """Counts CRI calls being served, so a stopping gateway can let them finish."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *_exc: Any) -> None:
+        with self._idle:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout)
+
+
+IN_FLIGHT = InFlightCalls()
+
+
 def _method_handler(gateway: Gateway, method: Any) -> grpc.RpcMethodHandler:
     name = method.name
     request_class = getattr(api_pb2, method.input_type.name)
@@ -57,12 +83,14 @@ def _method_handler(gateway: Gateway, method: Any) -> grpc.RpcMethodHandler:
     handler = HANDLERS.get(name, _unimplemented(name))
 
     def call(request: Any, context: grpc.ServicerContext) -> Any:
-        return serve_cri_call(name, lambda req, _ctx: handler(gateway, req), request, context)
+        with IN_FLIGHT:
+            return serve_cri_call(name, lambda req, _ctx: handler(gateway, req), request, context)
 
     kwargs = dict(request_deserializer=request_class.FromString, response_serializer=response_class.SerializeToString)
     if method.server_streaming:
         def stream(request: Any, context: grpc.ServicerContext) -> Any:
-            yield from serve_cri_call(name, lambda req, _ctx: handler(gateway, req), request, context)
+            with IN_FLIGHT:
+                yield from serve_cri_call(name, lambda req, _ctx: handler(gateway, req), request, context)
 
         return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
     return grpc.unary_unary_rpc_method_handler(call, **kwargs)
