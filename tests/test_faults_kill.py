@@ -11,6 +11,7 @@ while imaged is down.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -246,5 +247,30 @@ def test_removals_while_imaged_is_down_finish_once_it_is_back(fault_containers: 
     wait_until(lambda: not list(container_dirs.iterdir()), 30, what="shimd to finish the removals")
     assert stack.service_pid("shimd") == shimd_pid
     assert_no_leaks_but_pod(stack)
+    containers.cleanup()
+    assert_no_leaks(stack)
+
+
+def test_start_whose_record_was_lost_is_adopted(fault_containers: Containers, patient: Patient) -> None:
+    """shimd killed between `runtime start` and saving the record: the
+    container runs while the record says created. Simulated by starting it
+    with runc behind shimd's back. A restarted shimd, and a StartContainer
+    sent again, both take the runtime's word: RUNNING, not an error."""
+    containers = fault_containers
+    stack = containers.stack
+    pod = containers.pod()
+    runc_root = str(stack.run_dir / "runtimes" / "runc")
+    ids = [containers.create(pod, containers.config(name, command=["sleep", "3600"])) for name in ("again", "restart")]
+    for container_id in ids:
+        subprocess.run(["runc", "--root", runc_root, "start", container_id], check=True)
+        assert patient.status(container_id).state == CONTAINER_CREATED
+    # The kubelet sends StartContainer again: it succeeds.
+    containers.start(ids[0])
+    assert patient.status(ids[0]).state == CONTAINER_RUNNING
+    # A restarted shimd finds the other one running by itself.
+    stack.supervisorctl("restart", "shimd")
+    wait_all_running(stack)
+    wait_until(lambda: patient.status(ids[1]).state == CONTAINER_RUNNING, 10, what="the start adopted")
+    assert patient.exec(ids[1], "echo", "ok").stdout == b"ok\n"
     containers.cleanup()
     assert_no_leaks(stack)

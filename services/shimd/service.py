@@ -400,7 +400,14 @@ class ShimDaemon:
             # Taken before the start: a container that exits at once must not
             # report a finish before its start.
             started_at = time.time_ns()
-            self._runtime(record, "start", record["id"])
+            try:
+                self._runtime(record, "start", record["id"])
+            except Internal:
+                # A shimd killed after `runtime start` but before saving the
+                # record left the container started: the start happened.
+                if self._runtime_status(record) not in ("running", "stopped"):
+                    raise
+                log.info("container was already started", extra={"container_id": record["id"]})
             record["started_at"] = started_at
             self.store.save(record)
         return {}
