@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from cri_api.v1 import api_pb2
 
 from tests.fixtures_containers import CONTAINER_CREATED, CONTAINER_EXITED, CONTAINER_RUNNING, Containers, wait_for_log
@@ -86,8 +87,11 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         try:
+            queue: list[str] = []
             while not self.done.wait(self.rng.uniform(*KILL_INTERVAL)):
-                service = self.rng.choice(SERVICES)
+                # Every service once per round, in a random order.
+                queue = queue or self.rng.sample(SERVICES, len(SERVICES))
+                service = queue.pop()
                 if self.rng.random() < RESTART_SHARE:
                     # The upgrade path: SIGTERM, then the new process.
                     self.stack.supervisorctl("restart", service)
@@ -109,6 +113,7 @@ class Churn:
         self.pods: dict[str, ModelPod] = {}
         self.operations: dict[str, int] = {}
         self.log_dir = containers.log_root / "chaos"
+        self.kills: list[tuple[float, str]] = []  # the killer's, for error messages
 
     def step(self) -> None:
         choices = []
@@ -128,7 +133,15 @@ class Churn:
             choices += [self.remove_pod] * (2 if len(self.pods) == MAX_PODS else 1)
         choices.append(self.pull)
         operation = self.rng.choice(choices)
-        operation()
+        try:
+            operation()
+        except grpc.RpcError as exc:
+            now = time.monotonic()
+            recent = [(round(now - at, 2), service) for at, service in self.kills[-3:]]
+            raise AssertionError(
+                f"{operation.__name__} failed: {exc.code().name}: {exc.details()} "
+                f"(last kills, seconds ago: {recent})"
+            ) from exc
         self.operations[operation.__name__] = self.operations.get(operation.__name__, 0) + 1
 
     def all_containers(self) -> list[tuple[ModelPod, ModelContainer]]:
@@ -215,6 +228,8 @@ def test_chaos_churn_while_services_are_killed(fault_containers: Containers, pat
             failures.append(exc)
 
     killer = Killer(stack, SEED)
+    for churn in churns:
+        churn.kills = killer.kills
     threads = [threading.Thread(target=churn_until_deadline, args=(churn,)) for churn in churns]
     killer.start()
     try:
@@ -229,7 +244,8 @@ def test_chaos_churn_while_services_are_killed(fault_containers: Containers, pat
         raise failures[0]
     assert not killer.errors, killer.errors
     assert len(killer.kills) >= CHAOS_SECONDS / KILL_INTERVAL[1] - 1
-    assert {service for _, service in killer.kills} >= set(SERVICES), killer.kills
+    assert {service.split()[-1] for _, service in killer.kills} == set(SERVICES), killer.kills
+    assert len([service for _, service in killer.kills if " " not in service]) >= len(SERVICES), killer.kills
     wait_all_running(stack)
 
     # No call hung: every attempt ended within its deadline, none ran into it,
