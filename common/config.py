@@ -33,7 +33,6 @@ class ConfigError(Exception):
 class PyrioSection:
     state_dir: str = "/var/lib/pyrio"
     run_dir: str = "/run/pyrio"
-    log_dir: str = "/var/log/pyrio"
     # The CRI socket the kubelet dials; empty means <run_dir>/pyrio.sock.
     socket: str = ""
     socket_mode: str = "0660"

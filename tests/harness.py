@@ -101,7 +101,6 @@ class Stack:
             "pyrio": {
                 "state_dir": str(self.state_dir),
                 "run_dir": str(self.run_dir),
-                "log_dir": str(self.log_dir),
                 "log_level": "debug",
             },
             "runtime": {"cgroup_parent": self.cgroup_parent},

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from common.errors import ERROR_KINDS, DeadlineExceeded, Unavailable, Unimplemented
-from common.rpc import RpcClient, RpcServer
+from common.rpc import RpcClient
 from services.crigw.status import GRPC_CODE_BY_KIND, serve_cri_call
 from tests.harness import REPO
 from tests.rpc_test_server import build

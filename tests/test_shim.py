@@ -98,7 +98,6 @@ class Env:
         config = Config()
         config.pyrio.state_dir = str(self.root / "state")
         config.pyrio.run_dir = str(self.root / "run")
-        config.pyrio.log_dir = str(self.root / "log")
         config.runtime.cgroup_parent = self.cgroup_parent
         config.runtime.create_timeout = 20.0
         self.config = config.resolve()

@@ -24,7 +24,8 @@ STOP_GRACE_SECONDS = 1.0
 def main(argv: list[str] | None = None) -> None:
     config, log = start_process("crigw", argv)
     gateway = Gateway(config)
-    server = build_server(gateway)
+    # Held until exit: a grpc.Server that nobody references is collected and stops serving.
+    server = build_server(gateway)  # noqa: F841
     streaming = start_streaming_server(gateway)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
