@@ -21,7 +21,7 @@ from typing import Any
 from common import mounts
 from common.config import Config
 from common.errors import Internal
-from common.state import atomic_write_json, read_json, remove_file
+from common.state import atomic_write_json, read_json, remove_file, remove_stale_temp_files
 from services.netd.cni_config import NetworkConfig, find_plugin
 
 log = logging.getLogger("pyrio.netd.cni")
@@ -105,6 +105,8 @@ class CniRunner:
     def __init__(self, config: Config, cache_dir: Path) -> None:
         self.config = config
         self.cache_dir = cache_dir
+        # A netd killed mid-write leaves the temp file of the atomic write.
+        remove_stale_temp_files(cache_dir)
 
     def cache_path(self, sandbox_id: str) -> Path:
         return self.cache_dir / f"{sandbox_id}.json"
