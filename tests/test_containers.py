@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import pytest
@@ -385,30 +388,61 @@ def test_hugepage_limits_dropped_and_oom_score_adj_clamped(containers: Container
 # --- runtime handlers ----------------------------------------------------------------------------
 
 
-def crun_refuses_this_host() -> bool:
-    """crun (1.8) refuses hybrid cgroup hosts whose cgroup2 mount has
-    controllers enabled, as this kind of machine does (hugetlb)."""
-    controllers = Path("/sys/fs/cgroup/unified/cgroup.controllers")
-    return controllers.exists() and bool(controllers.read_text().split())
+UNIFIED_ROOT = Path("/sys/fs/cgroup/unified")
+
+
+@contextmanager
+def hybrid_host_laid_out_for_crun(mount_root: Path) -> Iterator[None]:
+    """crun (1.8) refuses a hybrid cgroup host whose cgroup2 hierarchy still
+    has controllers ("cgroups in hybrid mode not supported"). A systemd hybrid
+    node binds every controller to a v1 hierarchy; this machine leaves one out
+    (hugetlb). For the test's length, bind those controllers to a v1 hierarchy
+    of its own; unmounting it gives them back to cgroup2. Nothing happens on a
+    pure v1 or v2 host, and a controller the host uses in cgroup2 is left alone.
+    """
+    available = (UNIFIED_ROOT / "cgroup.controllers").read_text().split() if (UNIFIED_ROOT / "cgroup.controllers").exists() else []
+    if not available:
+        yield
+        return
+    if (UNIFIED_ROOT / "cgroup.subtree_control").read_text().split():
+        pytest.skip(f"cgroup2 controllers {available} are in use on this hybrid host; crun cannot run here")
+    mount_point = mount_root / "cgroup-v1-for-crun"
+    mount_point.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "cgroup", "-o", ",".join(available), "pyrio-test", str(mount_point)], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True, capture_output=True)
+        mount_point.rmdir()
+        # The kernel releases the hierarchy (and the controllers) a moment later.
+        wait_until(lambda: (UNIFIED_ROOT / "cgroup.controllers").read_text().split() == available, timeout=30)
 
 
 def test_crun_runtime_handler(containers: Containers) -> None:
+    with hybrid_host_laid_out_for_crun(containers.stack.root):
+        pod = containers.pod(runtime_handler="crun")
+        container_id = containers.create(pod, containers.config("crun", command=["sh", "-c", "echo via-crun; sleep 300"]))
+        containers.start(container_id)
+        wait_for_log(containers, container_id, "via-crun")
+        assert containers.exec(container_id, "echo", "exec-crun").stdout == b"exec-crun\n"
+        assert containers.info(container_id)["runtime_handler"] == "crun"
+        assert containers.status(container_id).status.state == api_pb2.CONTAINER_RUNNING
+        containers.stop(container_id, 0)
+        assert containers.status(container_id).status.exit_code == 137
+        containers.remove(container_id)
+        assert list(containers.runtime.ListContainers(api_pb2.ListContainersRequest(
+            filter=api_pb2.ContainerFilter(pod_sandbox_id=pod[0]))).containers) == []
+
+
+def test_crun_on_a_refusing_host_fails_cleanly(containers: Containers) -> None:
+    """Where crun refuses the host, its own message reaches the kubelet and nothing is left."""
+    if not ((UNIFIED_ROOT / "cgroup.controllers").exists() and (UNIFIED_ROOT / "cgroup.controllers").read_text().split()):
+        pytest.skip("this host's cgroup layout is one crun accepts")
     pod = containers.pod(runtime_handler="crun")
-    config = containers.config("crun", command=["sh", "-c", "echo via-crun; sleep 300"])
-    if crun_refuses_this_host():
-        # The runtime's own message reaches the kubelet, and nothing is left.
-        error = rpc_error(containers.create, pod, config)
-        assert error.code() == grpc.StatusCode.INTERNAL and "hybrid" in error.details()
-        listed = containers.runtime.ListContainers(api_pb2.ListContainersRequest(filter=api_pb2.ContainerFilter(pod_sandbox_id=pod[0])))
-        assert list(listed.containers) == []
-        return
-    container_id = containers.create(pod, config)
-    containers.start(container_id)
-    wait_for_log(containers, container_id, "via-crun")
-    assert containers.exec(container_id, "echo", "exec-crun").stdout == b"exec-crun\n"
-    assert containers.info(container_id)["runtime_handler"] == "crun"
-    containers.stop(container_id, 0)
-    assert containers.status(container_id).status.exit_code == 137
+    error = rpc_error(containers.create, pod, containers.config("crun-refused", command=["sleep", "300"]))
+    assert error.code() == grpc.StatusCode.INTERNAL and "hybrid" in error.details()
+    listed = containers.runtime.ListContainers(api_pb2.ListContainersRequest(filter=api_pb2.ContainerFilter(pod_sandbox_id=pod[0])))
+    assert list(listed.containers) == []
 
 
 def test_exec_sync_output_is_bounded(containers: Containers) -> None:

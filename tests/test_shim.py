@@ -9,9 +9,13 @@ the gateway socket with real images and pods.
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,14 +27,11 @@ import pytest
 from common.config import Config
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from common.rpc import CallContext, RpcServer
-from services.shimd import oci_spec, zygote
+from services.shimd import compact_json, oci_spec
+from services.shimd.shim_client import REPOSITORY_ROOT, ZygoteProcess
 from services.shimd.records import CREATED, EXITED, RUNNING
 from services.shimd.shim import MAX_LOG_LINE, LogWriter
 from tests.harness import cleanup_root, wait_until
-
-# Forked at collection, from the main thread and before any gRPC thread of
-# other test modules exists (a real shimd forks it before any thread too).
-zygote.get()
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ["sh", "ls", "cat", "echo", "sleep", "id", "head", "dd", "printf", "true", "false", "touch", "grep", "tail", "wc", "yes"]
@@ -409,3 +410,86 @@ def test_attach_pipes_stdin_once_and_streams(env: Env) -> None:
     with pytest.raises(FailedPrecondition):
         env.call("resize", container_id=container_id, width=10, height=10)
     env.call("remove", container_id=container_id)
+
+
+# --- the zygote ------------------------------------------------------------------
+
+# Packages whose import would put their objects in every shim's address space.
+HEAVY_MODULES = {"json", "re", "enum", "socket", "signal", "typing", "subprocess", "selectors", "threading", "pathlib", "common"}
+
+
+def test_zygote_interpreter_loads_no_heavy_module() -> None:
+    """The zygote's interpreter (python -I -S, as shim_client starts it) holds
+    only the shim modules and small C modules: what every shim maps."""
+    code = f"import sys; sys.path.insert(0, {str(REPOSITORY_ROOT)!r}); import services.shimd.zygote; print(' '.join(sys.modules))"
+    loaded = set(subprocess.run([sys.executable, "-I", "-S", "-c", code], check=True, capture_output=True, text=True).stdout.split())
+    assert "services.shimd.shim" in loaded and "services.shimd.shim_setup" in loaded
+    assert not {name.split(".")[0] for name in loaded} & HEAVY_MODULES
+
+
+def test_compact_json_matches_json() -> None:
+    documents = [{"a": 1, "b": [1.5, None, True, "x\u00e9\n"], "c": {}}, [], "text", 3, {"exit": {"exit_code": 137}}]
+    for document in documents:
+        assert compact_json.dumps(document) == json.dumps(document).encode()
+        assert compact_json.loads(json.dumps(document).encode()) == document
+    for bad in (b"", b"{", b"{} trailing", b"nope"):
+        with pytest.raises(ValueError):
+            compact_json.loads(bad)
+
+
+def _fake_runtime_spec(directory: Path, name: str) -> tuple[dict[str, Any], subprocess.Popen]:
+    """A spec whose "runtime" is /bin/true and whose "container" a sleep."""
+    directory.mkdir()
+    container = subprocess.Popen(["sleep", "60"])
+    (directory / "pid").write_text(str(container.pid))
+    spec = {
+        "container_id": name, "runtime_path": "/bin/true", "runtime_root": str(directory), "bundle": str(directory),
+        "pid_file": str(directory / "pid"), "runtime_log": str(directory / "runtime.log"), "log_path": str(directory / "log"),
+        "exit_file": str(directory / "exit.json"), "control_socket": str(directory / "ctl"),
+        "attach_socket": str(directory / "attach"), "shim_log": str(directory / "shim.log"), "create_timeout": 10,
+    }
+    return spec, container
+
+
+def _notify_lines(read_fd: int, timeout: float) -> list[dict[str, Any]]:
+    """What a shim reported on its notify pipe, until it closed the pipe."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([read_fd], [], [], 0.2)[0]:
+            continue
+        chunk = os.read(read_fd, 4096)
+        if not chunk or data.count(b"\n") + chunk.count(b"\n") >= 2:
+            data += chunk
+            break
+        data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_zygote_drops_a_spec_past_its_pickup_deadline(tmp_path: Path) -> None:
+    """A spec shimd gave up on is never started, and the next spawn is not shifted by one."""
+    zygote = ZygoteProcess(str(tmp_path))
+    sleepers = []
+    try:
+        stale_spec, sleeper = _fake_runtime_spec(tmp_path / "stale", "stale")
+        sleepers.append(sleeper)
+        fresh_spec, sleeper = _fake_runtime_spec(tmp_path / "fresh", "fresh")
+        sleepers.append(sleeper)
+        stale_read, stale_write = os.pipe()
+        zygote.spawn(stale_spec, stale_write, pickup_seconds=-1.0)
+        os.close(stale_write)
+        fresh_read, fresh_write = os.pipe()
+        zygote.spawn(fresh_spec, fresh_write, pickup_seconds=10.0)
+        os.close(fresh_write)
+        fresh = _notify_lines(fresh_read, 20)
+        assert fresh[0]["shim_pid"] > 0 and fresh[1] == {"ok": True, "pid": sleepers[1].pid}
+        # The stale spec's pipe was closed unread: no shim, no sockets.
+        assert _notify_lines(stale_read, 5) == []
+        assert not (tmp_path / "stale" / "ctl").exists() and (tmp_path / "fresh" / "ctl").exists()
+        os.kill(fresh[0]["shim_pid"], signal.SIGKILL)
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
+        zygote.close()
+        assert zygote.process.returncode == 0  # closing the token pipe ends it

@@ -47,7 +47,7 @@ from services.shimd.records import (
     current_boot_id,
     process_start_time,
 )
-from services.shimd.shim_client import shim_request, spawn_shim
+from services.shimd.shim_client import shim_request, spawn_shim, start_zygote
 
 log = logging.getLogger("pyrio.shimd")
 
@@ -756,6 +756,8 @@ class ShimDaemon:
 
 
 def build(config: Config, server: RpcServer) -> ShimDaemon:
+    # Started now, so its warm-up is done before the first CreateContainer.
+    start_zygote(str(config.service_state_dir("shimd")))
     daemon = ShimDaemon(config)
     daemon.register(server)
     return daemon

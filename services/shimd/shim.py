@@ -1,45 +1,53 @@
 """The per-container shim: CRI-O's conmon, in a few hundred lines of Python.
 
 One shim supervises exactly one container. It is forked from the shim zygote
-(services/shimd/zygote.py), so it shares the interpreter's pages with every
-other shim and touches as little memory as it can: one poll loop, no threads,
-no ZeroMQ, no protobuf. Everything here imports only light stdlib modules,
-all loaded in the zygote before it forks.
-
-What it does:
-- runs `<runtime> create` for the container, holding its stdio (pipes, or a
-  pty received over --console-socket for tty containers), and becomes the
-  child subreaper so the container's init is its child and is reaped here;
-- writes the CRI log format (`<RFC3339Nano> <stream> <P|F> <content>`);
-- the moment the container's init exits, writes the exit file (exit code,
+(services/shimd/zygote.py) and shares the interpreter's pages with every
+other shim; what it costs is the memory it writes itself, so it does as
+little as it can in its own process:
+- a setup helper it forks first creates the container and hands over its
+  stdio and sockets (shim_setup.py); that work's pages leave with the helper;
+- it is the child subreaper, so the container's init is its child and is
+  reaped here;
+- it writes the CRI log format (`<RFC3339Nano> <stream> <P|F> <content>`);
+- the moment the container's init exits, it writes the exit file (exit code,
   time, OOM kill) atomically: it is the truth even if every service is down;
-- answers one-line JSON requests on a unix socket (state, stop, kill, exec,
-  reopen_log, resize) and serves the attach socket (SOCK_SEQPACKET, see
-  docs/ARCHITECTURE.md);
-- exits once the container has exited and its output is drained.
+- it answers one-line JSON requests on a unix socket (state, stop, kill,
+  exec, reopen_log, resize) and serves the attach socket (SOCK_SEQPACKET,
+  see docs/ARCHITECTURE.md); an exec runs in a forked child;
+- it exits once the container has exited and its output is drained.
+The spec (JSON) is kept as bytes and decoded only when a rare path needs it
+(the exit, reopening the log, an exec's child).
 """
 
 from __future__ import annotations
 
-import base64
-import ctypes
+import _signal
+import _socket
+import _struct
+import binascii
 import errno
 import fcntl
-import json
 import os
 import select
-import _signal
-import signal
-import socket
-import struct
 import termios
 import time
+
+from services.shimd import compact_json, shim_setup
+from services.shimd.shim_io import (
+    PR_SET_CHILD_SUBREAPER,
+    accept,
+    atomic_write,
+    prctl,
+    receive_fds,
+    set_nonblocking,
+    spawn,
+)
 
 # typing is a large module the zygote (and so every shim) would carry for
 # annotations alone: they are strings here, so it is only for type checkers.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Callable
 
 # A log line longer than this is written in parts marked P (as conmon does).
 MAX_LOG_LINE = 16 * 1024
@@ -54,22 +62,8 @@ DRAIN_SECONDS = 2.0
 KILL_GRACE_SECONDS = 10.0
 ATTACH_SEND_TIMEOUT = 5.0
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
-
 STREAM_STDOUT = b"\x02"
 STREAM_STDERR = b"\x03"
-
-
-# Resolved once in the zygote, so a shim does not build ctypes objects.
-_libc_prctl = ctypes.CDLL(None, use_errno=True).prctl
-_libc_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-
-
-def prctl(option: int, value: int) -> None:
-    if _libc_prctl(option, value, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 
 
 def rfc3339_nano(now_ns: int) -> bytes:
@@ -77,41 +71,8 @@ def rfc3339_nano(now_ns: int) -> bytes:
     return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%09dZ" % nanos).encode()
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    # Not common.state's: that one brings tempfile and pathlib (and random's
-    # after-fork hook) into the zygote, which every shim would pay for.
-    directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _ignore_signal(signum: int, frame: Any) -> None:
     """SIGCHLD only has to wake the poll loop (through the wakeup fd)."""
-
-
-def read_small_file(path: str) -> bytes:
-    # os.read, not open(): the io stack would be one more code path whose
-    # pages every shim copies.
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 4096).strip()
-    finally:
-        os.close(fd)
-
-
-def set_nonblocking(fd: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
 
 def read_oom_kills(paths: list[str]) -> int:
@@ -128,31 +89,15 @@ def read_oom_kills(paths: list[str]) -> int:
     return 0
 
 
-def runtime_error(log_path: str, fallback: str) -> str:
-    """The last error runc/crun wrote to its --log file (JSON lines)."""
-    message = ""
-    try:
-        with open(log_path, "rb") as handle:
-            for raw in handle.read()[-65536:].splitlines():
-                try:
-                    entry = json.loads(raw)
-                except ValueError:
-                    continue
-                if entry.get("level") in ("error", "fatal") and entry.get("msg"):
-                    message = entry["msg"]
-    except OSError:
-        pass
-    return message or fallback.strip() or "runtime failed without a message"
-
-
 class LogWriter:
     """The CRI log file of one container, reopened on request."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fd: int = -1) -> None:
         self.path = path
-        self.fd = -1
+        self.fd = fd
         self.partial = {b"stdout": b"", b"stderr": b""}
-        self.reopen()
+        if fd < 0:
+            self.reopen()
 
     def reopen(self) -> None:
         if self.fd >= 0:
@@ -204,127 +149,70 @@ class LogWriter:
 
 
 class Shim:
-    def __init__(self, spec: dict[str, Any], notify_fd: int) -> None:
-        self.spec = spec
-        self.notify_fd = notify_fd
-        self.container_id: str = spec["container_id"]
-        self.runtime = [spec["runtime_path"], "--root", spec["runtime_root"]]
-        self.tty = bool(spec.get("tty"))
-        self.stdin_enabled = bool(spec.get("stdin"))
-        self.stdin_once = bool(spec.get("stdin_once"))
-        self.exit_file: str = spec["exit_file"]
-        self.pid = 0
-        self.exited = False
-        self.exit_record: dict[str, Any] | None = None
-        self.log = LogWriter(spec.get("log_path", ""))
+    """The shim's serving half: the poll loop over what the setup helper handed over."""
+
+    def __init__(self, spec_bytes: bytes, handoff: bytes, fds: list[int]) -> None:
+        fields = handoff.split()
+        self.spec_bytes = spec_bytes
+        self._spec: dict[str, Any] | None = None
+        self.pid = int(fields[0])
+        stdin_enabled, self.stdin_once = fields[1] == b"1", fields[2] == b"1"
+        handed = dict(zip(fields[3:], fds))
+        self.stdio_fds = (handed[b"null"], handed[b"shim_log"])
+        self.control = _socket.socket(fileno=handed[b"control"])
+        self.attach = _socket.socket(fileno=handed[b"attach"])
+        self.log = LogWriter("", handed.get(b"log", -1))
+        self.tty = b"tty" in handed
         # fd -> stream name for the container's output (pipes or pty master).
         self.outputs: dict[int, bytes] = {}
         self.stdin_fd = -1
+        if self.tty:
+            self.outputs[handed[b"tty"]] = b"stdout"
+            if stdin_enabled:
+                self.stdin_fd = handed[b"tty"]
+        else:
+            self.outputs[handed[b"stdout"]] = b"stdout"
+            self.outputs[handed[b"stderr"]] = b"stderr"
+            self.stdin_fd = handed.get(b"stdin", -1)
+        self.exited = False
+        self.exit_record: dict[str, Any] | None = None
         self.stdin_pending = b""
-        self.attach_clients: dict[int, socket.socket] = {}
+        self.attach_clients: dict[int, _socket.socket] = {}
         # Clients that shut down their sending side: they still get output.
         self.attach_input_done: set[int] = set()
         self.stop_waiters: list[list[Any]] = []  # [conn, deadline, killed]
-        self.control: socket.socket | None = None
-        self.attach: socket.socket | None = None
         self.wakeup_r = -1
         self.wakeup_w = -1
 
-    # --- start -----------------------------------------------------------
+    def adopt_stdio(self) -> None:
+        """The shim's own stdio from now on: nothing of shimd's or the zygote's."""
+        null, shim_log = self.stdio_fds
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(shim_log, 2)
+        self.close_stdio_fds()
 
-    def notify(self, message: dict[str, Any]) -> None:
-        if self.notify_fd >= 0:
-            try:
-                os.write(self.notify_fd, json.dumps(message).encode() + b"\n")
-            except OSError:
-                pass
+    def close_stdio_fds(self) -> None:
+        for fd in self.stdio_fds:
+            os.close(fd)
+        self.stdio_fds = ()
 
-    def listen(self, path: str, kind: int) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(path)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            # A stale socket file (paths are per container, so rarely): replace it.
-            os.unlink(path)
-            sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(16)
-        return sock
-
-    def create(self) -> None:
-        spec = self.spec
-        self.control = self.listen(spec["control_socket"], socket.SOCK_STREAM)
-        self.attach = self.listen(spec["attach_socket"], socket.SOCK_SEQPACKET)
-        pid_file = spec["pid_file"]
-        runtime_log = spec["runtime_log"]
-        args = self.runtime + [f"--log={runtime_log}", "--log-format=json", "create", "--bundle", spec["bundle"], "--pid-file", pid_file]
-        console: socket.socket | None = None
-        child_fds: list[int] = []
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        if self.tty:
-            console_path = spec["control_socket"] + ".console"
-            console = self.listen(console_path, socket.SOCK_STREAM)
-            args += ["--console-socket", console_path]
-            stdio = (devnull, devnull, devnull)
-        else:
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            self.outputs = {out_r: b"stdout", err_r: b"stderr"}
-            child_fds = [out_w, err_w]
-            stdin = devnull
-            if self.stdin_enabled:
-                in_r, in_w = os.pipe2(os.O_CLOEXEC)
-                stdin, self.stdin_fd = in_r, in_w
-                child_fds.append(in_r)
-            stdio = (stdin, out_w, err_w)
-        args.append(self.container_id)
-        try:
-            returncode, message = run_in_helper(args, stdio, float(spec.get("create_timeout", 60)), runtime_log)
-        finally:
-            for fd in child_fds:
-                os.close(fd)
-            os.close(devnull)
-        master = -1
-        if console is not None:
-            # runc sent the pty master on a connection still in the backlog.
-            if returncode == 0 and select.select([console], [], [], 5.0)[0]:
-                master = self.receive_console(console)
-            console.close()
-            try:
-                os.unlink(spec["control_socket"] + ".console")
-            except FileNotFoundError:
-                pass
-        if returncode != 0:
-            raise RuntimeError(message)
-        if self.tty:
-            if master < 0:
-                raise RuntimeError("the runtime sent no console for the tty container")
-            self.outputs = {master: b"stdout"}
-            self.stdin_fd = master if self.stdin_enabled else -1
-        self.pid = int(read_small_file(pid_file))
-
-    @staticmethod
-    def receive_console(console: socket.socket) -> int:
-        conn, _ = console.accept()
-        with conn:
-            _, fds, _, _ = socket.recv_fds(conn, 4096, 4)
-        if not fds:
-            raise RuntimeError("console socket message carried no file descriptor")
-        for extra in fds[1:]:
-            os.close(extra)
-        return fds[0]
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The spec, decoded on first use: an idle shim never needs it."""
+        if self._spec is None:
+            self._spec = compact_json.loads(self.spec_bytes)
+        return self._spec
 
     # --- the loop ----------------------------------------------------------
 
     def serve(self) -> None:
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         set_nonblocking(self.wakeup_r)
-        signal.set_wakeup_fd(self.wakeup_w)
+        _signal.set_wakeup_fd(self.wakeup_w)
         # _signal, not signal.signal: that wrapper converts through enum
         # machinery, one more code path each shim would copy pages of.
-        _signal.signal(signal.SIGCHLD, _ignore_signal)
+        _signal.signal(_signal.SIGCHLD, _ignore_signal)
         for fd in self.outputs:
             set_nonblocking(fd)
         if self.stdin_fd >= 0:
@@ -355,7 +243,6 @@ class Shim:
 
     def register(self, poller: select.poll) -> list[tuple[int, int]]:
         entries: list[tuple[int, int]] = [(self.wakeup_r, select.POLLIN)]
-        assert self.control is not None and self.attach is not None
         entries.append((self.control.fileno(), select.POLLIN))
         if not self.exited:
             entries.append((self.attach.fileno(), select.POLLIN))
@@ -393,10 +280,10 @@ class Shim:
             except BlockingIOError:
                 pass
             self.reap()
-        elif self.control is not None and fd == self.control.fileno():
+        elif fd == self.control.fileno():
             self.accept_control()
-        elif self.attach is not None and fd == self.attach.fileno():
-            conn, _ = self.attach.accept()
+        elif fd == self.attach.fileno():
+            conn = accept(self.attach)
             conn.settimeout(ATTACH_SEND_TIMEOUT)
             self.attach_clients[conn.fileno()] = conn
         elif fd in self.outputs or fd == self.stdin_fd:
@@ -466,7 +353,7 @@ class Shim:
         client = self.attach_clients[fd]
         try:
             data = client.recv(READ_CHUNK)
-        except (BlockingIOError, socket.timeout):
+        except (BlockingIOError, TimeoutError):
             return
         except OSError:
             data = b""
@@ -535,7 +422,7 @@ class Shim:
         self.drain_available()
         oom_killed = read_oom_kills(self.spec.get("oom_files", [])) > 0
         self.exit_record = {"exit_code": exit_code, "exited_at": exited_at, "oom_killed": oom_killed, "pid": self.pid}
-        atomic_write(self.exit_file, json.dumps(self.exit_record).encode())
+        atomic_write(self.spec["exit_file"], compact_json.dumps(self.exit_record))
         for fd in list(self.attach_clients):
             self.drop_attach_client(fd)
         if self.stdin_fd >= 0 and self.stdin_fd not in self.outputs:
@@ -550,7 +437,7 @@ class Shim:
             if waiter[1] > now:
                 continue
             if not waiter[2]:
-                self.signal_container(signal.SIGKILL)
+                self.signal_container(_signal.SIGKILL)
                 waiter[1], waiter[2] = now + KILL_GRACE_SECONDS, True
             else:
                 self.stop_waiters.remove(waiter)
@@ -566,25 +453,28 @@ class Shim:
 
     def finish(self) -> None:
         for sock in (self.control, self.attach):
-            if sock is not None:
-                try:
-                    os.unlink(sock.getsockname())
-                except OSError:
-                    pass
-                sock.close()
+            try:
+                os.unlink(sock.getsockname())
+            except OSError:
+                pass
+            sock.close()
+        # Only the warm-up lives on after this: it must not leak the fds.
+        _signal.set_wakeup_fd(-1)
+        for fd in (self.wakeup_r, self.wakeup_w, self.log.fd):
+            if fd >= 0:
+                os.close(fd)
 
     # --- requests ------------------------------------------------------------
 
-    def reply(self, conn: socket.socket, message: dict[str, Any]) -> None:
+    def reply(self, conn: _socket.socket, message: dict[str, Any]) -> None:
         try:
-            conn.sendall(json.dumps(message).encode() + b"\n")
+            conn.sendall(compact_json.dumps(message) + b"\n")
         except OSError:
             pass
         conn.close()
 
     def accept_control(self) -> None:
-        assert self.control is not None
-        conn, _ = self.control.accept()
+        conn = accept(self.control)
         conn.settimeout(2.0)
         try:
             raw = b""
@@ -593,7 +483,7 @@ class Shim:
                 if not chunk:
                     break
                 raw += chunk
-            request = json.loads(raw)
+            request = compact_json.loads(raw)
         except (OSError, ValueError):
             conn.close()
             return
@@ -604,9 +494,10 @@ class Shim:
             elif op == "stop":
                 self.handle_stop(conn, request)
             elif op == "kill":
-                self.signal_container(int(request.get("signal", signal.SIGKILL)))
+                self.signal_container(int(request.get("signal", _signal.SIGKILL)))
                 self.reply(conn, {"ok": True})
             elif op == "reopen_log":
+                self.log.path = self.spec.get("log_path", "")
                 self.log.reopen()
                 self.reply(conn, {"ok": True})
             elif op == "resize":
@@ -619,25 +510,25 @@ class Shim:
         except Exception as exc:  # an odd request must not end the supervision
             self.reply(conn, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
-    def handle_stop(self, conn: socket.socket, request: dict[str, Any]) -> None:
+    def handle_stop(self, conn: _socket.socket, request: dict[str, Any]) -> None:
         if self.exited:
             self.reply(conn, {"ok": True, "exit": self.exit_record})
             return
         timeout = float(request.get("timeout", 0))
         if timeout <= 0:
-            self.signal_container(signal.SIGKILL)
+            self.signal_container(_signal.SIGKILL)
             self.stop_waiters.append([conn, time.monotonic() + KILL_GRACE_SECONDS, True])
         else:
-            self.signal_container(int(request.get("signal", signal.SIGTERM)))
+            self.signal_container(int(request.get("signal", _signal.SIGTERM)))
             self.stop_waiters.append([conn, time.monotonic() + timeout, False])
 
     def resize(self, width: int, height: int) -> None:
         if not self.tty or not self.outputs:
             raise ValueError("the container has no terminal")
         master = next(iter(self.outputs))
-        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+        fcntl.ioctl(master, termios.TIOCSWINSZ, _struct.pack("HHHH", height, width, 0, 0))
 
-    def spawn_exec(self, conn: socket.socket, request: dict[str, Any]) -> None:
+    def spawn_exec(self, conn: _socket.socket, request: dict[str, Any]) -> None:
         if self.exited:
             self.reply(conn, {"ok": False, "error": "container is not running", "not_running": True})
             return
@@ -648,88 +539,22 @@ class Shim:
             conn.close()
             return
         try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _signal.set_wakeup_fd(-1)
+            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
             keep = conn.fileno()
             os.closerange(3, keep)
             os.closerange(keep + 1, 65536)
             conn.settimeout(None)
             try:
-                result = run_exec(self.runtime, self.container_id, request)
+                spec = self.spec
+                runtime = [spec["runtime_path"], "--root", spec["runtime_root"]]
+                result = run_exec(runtime, spec["container_id"], request)
             except Exception as exc:
                 os.write(2, f"exec failed: {type(exc).__name__}: {exc}\n".encode())
                 result = {"ok": False, "error": f"exec failed: {type(exc).__name__}: {exc}"}
             self.reply(conn, result)
         finally:
             os._exit(0)
-
-
-def spawn(args: list[str], stdio: tuple[int, int, int]) -> int:
-    """posix_spawn with the given stdio (every other fd of the shim is close-on-exec).
-
-    Not subprocess: its Python-level machinery would dirty pages the shims
-    otherwise share."""
-    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
-    return os.posix_spawn(args[0], args, os.environ, file_actions=actions)
-
-
-def run_in_helper(args: list[str], stdio: tuple[int, int, int], timeout: float, runtime_log: str) -> tuple[int, str]:
-    """Run `<runtime> create` and wait for it in a short-lived child.
-
-    The waiting and error parsing then dirty the helper's pages, which go
-    away with it, instead of the shim's. The container's init still ends up
-    the shim's child: the helper is no subreaper, the shim is.
-    Returns (exit code, error message).
-    """
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    helper = os.fork()
-    if helper == 0:
-        code = 1
-        try:
-            os.close(read_fd)
-            code, message = wait_runtime(args, stdio, timeout, runtime_log)
-            os.write(write_fd, message.encode(errors="replace"))
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    chunks = []
-    while True:
-        chunk = os.read(read_fd, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read_fd)
-    _, status = os.waitpid(helper, 0)
-    code = os.waitstatus_to_exitcode(status)
-    return code, b"".join(chunks).decode(errors="replace") or f"the runtime helper exited with {code}"
-
-
-def wait_runtime(args: list[str], stdio: tuple[int, int, int], timeout: float, runtime_log: str) -> tuple[int, str]:
-    try:
-        runtime_pid = spawn(args, stdio)
-    except OSError as exc:
-        return 1, f"cannot run {args[0]}: {exc}"
-    deadline = time.monotonic() + timeout
-    while True:
-        returncode = poll_child(runtime_pid)
-        if returncode is not None:
-            break
-        if time.monotonic() > deadline:
-            os.kill(runtime_pid, signal.SIGKILL)
-            os.waitpid(runtime_pid, 0)
-            return 1, f"{args[0]} create did not finish within {timeout:g}s"
-        time.sleep(0.003)
-    if returncode != 0:
-        return 1, runtime_error(runtime_log, f"{args[0]} create exited with {returncode}")
-    return 0, ""
-
-
-def poll_child(pid: int) -> int | None:
-    """The exit code of a child that ended (reaping it), None while it runs."""
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if not done:
-        return None
-    return os.waitstatus_to_exitcode(status)
 
 
 def run_exec(runtime: list[str], container_id: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -778,8 +603,8 @@ def run_exec(runtime: list[str], container_id: str, request: dict[str, Any]) -> 
         pass
     return {
         "ok": True,
-        "stdout": base64.b64encode(bytes(streams[out_r])).decode(),
-        "stderr": base64.b64encode(bytes(streams[err_r])).decode(),
+        "stdout": binascii.b2a_base64(streams[out_r], newline=False).decode(),
+        "stderr": binascii.b2a_base64(streams[err_r], newline=False).decode(),
         "exit_code": returncode if returncode >= 0 else 128 - returncode,
         "timed_out": timed_out,
         "truncated": truncated,
@@ -790,60 +615,94 @@ def kill_exec(pid_file: str, runtime_pid: int) -> None:
     # runc exec does not pass SIGKILL on: kill the exec'd process itself.
     try:
         with open(pid_file) as handle:
-            os.kill(int(handle.read().strip()), signal.SIGKILL)
+            os.kill(int(handle.read().strip()), _signal.SIGKILL)
     except (OSError, ValueError):
         # Not started yet (or gone): end the runtime's exec instead.
         try:
-            os.kill(runtime_pid, signal.SIGKILL)
+            os.kill(runtime_pid, _signal.SIGKILL)
         except ProcessLookupError:
             pass
 
 
-def run(spec: dict[str, Any], notify_fd: int) -> None:
-    """The shim's life, in the process the zygote made for it. Never returns."""
-    code = 0
+def run(spec_bytes: bytes, notify_fd: int) -> None:
+    """The shim's life, in the process the zygote forked for it. Never returns."""
+    code = 1
     try:
-        os.umask(0o022)
-        # Orphans of the container (in a shared PID namespace) are reaped here.
-        prctl(PR_SET_CHILD_SUBREAPER, 1)
-        os.set_inheritable(notify_fd, False)
-        shim = Shim(spec, notify_fd)
-        # Hand-formatted: the success path stays clear of the JSON encoder.
-        os.write(notify_fd, b'{"shim_pid": %d}\n' % os.getpid())
+        code = supervise(spec_bytes, notify_fd)
+    except BaseException as exc:  # last resort: leave a trace in shim.log
         try:
-            shim.create()
-        except Exception as exc:
-            shim.notify({"ok": False, "error": str(exc)})
-            shim.finish()
-            os._exit(1)
-        os.write(notify_fd, b'{"ok": true, "pid": %d}\n' % shim.pid)
-        os.close(notify_fd)
-        shim.notify_fd = -1
-        shim.serve()
-    except BaseException as exc:  # last resort: leave a trace for shimd
-        try:
-            os.write(2, f"shim {spec.get('container_id')}: {type(exc).__name__}: {exc}\n".encode())
+            os.write(2, f"shim: {type(exc).__name__}: {exc}\n".encode())
         except OSError:
             pass
-        code = 1
     finally:
         os._exit(code)
 
 
-def warm_up(scratch_dir: str, rounds: int = 10) -> None:
-    """Run a whole shim life in the zygote before it forks any shim.
+def supervise(spec_bytes: bytes, notify_fd: int, on_ready: Callable[[Shim], None] | None = None) -> int:
+    """Have the container created by a setup helper, then serve it until it
+    exited and its output is drained; the exit code for the shim.
 
-    CPython specializes bytecode in place as it runs and builds caches on
-    first use; a shim that did that itself would copy every page it
-    touched. Here the "runtime" is /bin/true and the "container" a short
-    sleep, so create, the poll loop, reaping, the exit file and the log
-    writer all run (and settle) in pages the shims then share.
+    on_ready replaces taking over the helper's stdio (the warm-up's hook).
+    """
+    os.umask(0o022)
+    # Orphans of the container (its init, once the runtime exits, and any
+    # process of a shared PID namespace) are reparented here.
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    shim_end, helper_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    helper = os.fork()
+    if helper == 0:
+        code = 1
+        try:
+            shim_end.close()
+            code = shim_setup.set_up(spec_bytes, notify_fd, helper_end, os.getppid())
+        finally:
+            os._exit(code)
+    helper_end.close()
+    os.close(notify_fd)
+    try:
+        handoff, fds = receive_fds(shim_end, 4096, 16)
+    finally:
+        shim_end.close()
+        os.waitpid(helper, 0)
+    if not handoff:
+        return 1  # the helper told shimd why
+    shim = Shim(spec_bytes, handoff, fds)
+    if on_ready is None:
+        shim.adopt_stdio()
+    else:
+        on_ready(shim)
+    shim.serve()
+    return 0
+
+
+# Requests a warm-up sends to its own shim, so the request paths are warm
+# too; "stop" comes last and ends the stand-in container.
+WARM_UP_REQUESTS = (
+    {"op": "state"},
+    {"op": "reopen_log"},
+    {"op": "resize", "width": 80, "height": 24},
+    {"op": "kill", "signal": 0},
+    {"op": "warm-up"},
+    {"op": "stop", "signal": int(_signal.SIGTERM), "timeout": 10},
+)
+
+
+def warm_up(scratch_dir: str, rounds: int = 10) -> None:
+    """Run whole shim lives in the zygote before it forks any shim.
+
+    CPython specializes bytecode in place as it runs, and fills its method
+    cache and other caches on first use; a shim doing that itself would
+    copy every page it touched (one first method lookup on a type copies
+    about 170 KiB). Here the "runtime" is /bin/true and the "container" a
+    sleep, so the hand-over, the poll loop, the control requests, reaping,
+    the exit file and the log writer all run (and settle) in pages the
+    shims then share.
     """
     sleep = "/bin/sleep" if os.path.exists("/bin/sleep") else "/usr/bin/sleep"
     for round_number in range(rounds):
         base = os.path.join(scratch_dir, str(round_number))
         os.mkdir(base)
-        container = os.posix_spawn(sleep, [sleep, "0.02"], os.environ)
+        container = os.posix_spawn(sleep, [sleep, "10"], os.environ)
         with open(os.path.join(base, "pid"), "w") as handle:
             handle.write(str(container))
         spec = {
@@ -851,18 +710,28 @@ def warm_up(scratch_dir: str, rounds: int = 10) -> None:
             "pid_file": os.path.join(base, "pid"), "runtime_log": os.path.join(base, "runtime.log"),
             "log_path": os.path.join(base, "log"), "exit_file": os.path.join(base, "exit.json"),
             "control_socket": os.path.join(base, "ctl"), "attach_socket": os.path.join(base, "attach"),
-            "create_timeout": 10, "oom_files": ["/proc/self/status"],
+            "shim_log": os.path.join(base, "shim.log"), "create_timeout": 10, "oom_files": ["/proc/self/status"],
         }
-        shim = Shim(spec, -1)
-        shim.create()
-        shim.log.write(b"stdout", b"warm\nup " * 4 + b"x" * (MAX_LOG_LINE + 1))
-        shim.serve()
-        json.loads(json.dumps({"op": "state", "ok": True, "exit": shim.exit_record}))
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in (shim.wakeup_r, shim.wakeup_w, shim.log.fd):
-            os.close(fd)
+        notify_read, notify_write = os.pipe()
+        clients: list[_socket.socket] = []
+
+        def connect_clients(shim: Shim) -> None:
+            shim.close_stdio_fds()
+            shim.log.write(b"stdout", b"warm\nup " * 4 + b"x" * (MAX_LOG_LINE + 1))
+            for request in WARM_UP_REQUESTS:
+                client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+                client.connect(spec["control_socket"])
+                client.sendall(compact_json.dumps(request) + b"\n")
+                clients.append(client)
+
+        try:
+            supervise(compact_json.dumps(spec), notify_write, connect_clients)
+        finally:
+            os.close(notify_read)
+            for client in clients:
+                client.close()
+            _signal.set_wakeup_fd(-1)
+            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
         for name in os.listdir(base):
             os.unlink(os.path.join(base, name))
         os.rmdir(base)
-

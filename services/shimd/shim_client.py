@@ -6,11 +6,106 @@ import json
 import os
 import select
 import socket
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from common.errors import DeadlineExceeded, FailedPrecondition, Internal, Unavailable
-from services.shimd import zygote
+
+# How long a spawned shim may take to pick its spec up from the zygote's
+# socket (see services/shimd/zygote.py); after that it drops it.
+SHIM_PICKUP_SECONDS = 10.0
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+# -I -S: no site packages, no environment-driven paths; the zygote needs
+# nothing but the standard library and services/shimd.
+ZYGOTE_BOOTSTRAP = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from services.shimd import zygote; zygote.main(int(sys.argv[2]), int(sys.argv[3]))"
+)
+
+
+class ZygoteProcess:
+    """shimd's handle on the shim zygote (services/shimd/zygote.py)."""
+
+    def __init__(self, label: str) -> None:
+        # Non-inheritable, as Python makes every fd: only the zygote, which
+        # is handed its ends explicitly, and its shims ever hold them.
+        self.spec_sock, zygote_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        token_read, self.token_fd = os.pipe()
+        try:
+            # The label (shimd's state dir) only names the zygote in `ps`.
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", ZYGOTE_BOOTSTRAP, str(REPOSITORY_ROOT),
+                 str(token_read), str(zygote_sock.fileno()), f"pyrio-shim-zygote:{label}"],
+                pass_fds=(token_read, zygote_sock.fileno()),
+                stdin=subprocess.DEVNULL,
+                # Its own session, like the shims it forks: a ^C or a
+                # process-group signal meant for shimd does not end it.
+                start_new_session=True,
+            )
+        finally:
+            os.close(token_read)
+            zygote_sock.close()
+        self.pid = self.process.pid
+        self.lock = threading.Lock()
+
+    def spawn(self, spec: dict[str, Any], notify_fd: int, pickup_seconds: float) -> None:
+        """Have a shim forked for spec; it reports on notify_fd.
+
+        A shim that has not picked the spec up within pickup_seconds drops
+        it, so the caller can give up after that without a late start.
+        """
+        deadline_ns = time.monotonic_ns() + int(pickup_seconds * 1e9)
+        message = deadline_ns.to_bytes(8, "little") + json.dumps(spec).encode()
+        with self.lock:
+            try:
+                socket.send_fds(self.spec_sock, [message], [notify_fd])
+                os.write(self.token_fd, b"s")
+            except OSError as exc:
+                raise Unavailable(f"the shim zygote is not accepting spawns ({exc})") from None
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        """Closing the token pipe ends the zygote (its shims live on)."""
+        os.close(self.token_fd)
+        self.spec_sock.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+_zygote: ZygoteProcess | None = None
+_zygote_lock = threading.Lock()
+_zygote_label = ""
+
+
+def start_zygote(label: str) -> ZygoteProcess:
+    """Start (or restart) the zygote now, so the first spawn does not wait for its warm-up."""
+    global _zygote, _zygote_label
+    with _zygote_lock:
+        _zygote_label = label
+        if _zygote is not None:
+            _zygote.close()
+        _zygote = ZygoteProcess(label)
+        return _zygote
+
+
+def zygote() -> ZygoteProcess:
+    """The running zygote, restarted when it died."""
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None or not _zygote.alive():
+            if _zygote is not None:
+                _zygote.close()
+            _zygote = ZygoteProcess(_zygote_label)
+        return _zygote
 
 
 def spawn_shim(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -21,18 +116,23 @@ def spawn_shim(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
+        pickup_seconds = min(SHIM_PICKUP_SECONDS, timeout)
         try:
-            zygote.get().spawn(spec, write_fd)
+            zygote().spawn(spec, write_fd, pickup_seconds)
         finally:
             os.close(write_fd)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         buffer = b""
         answer: dict[str, Any] = {}
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 raise DeadlineExceeded(f"the shim did not report within {timeout:.0f}s")
-            ready, _, _ = select.select([read_fd], [], [], remaining)
+            if "shim_pid" not in answer and now > started + pickup_seconds + 1.0:
+                # Past its pickup deadline the spec is dropped by any shim.
+                raise Unavailable(f"no shim was forked for the container within {pickup_seconds:.0f}s")
+            ready, _, _ = select.select([read_fd], [], [], min(deadline - now, 0.5))
             if not ready:
                 continue
             chunk = os.read(read_fd, 65536)

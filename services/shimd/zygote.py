@@ -1,150 +1,159 @@
-"""The shim zygote: a small single-threaded process that forks the shims.
+"""The shim zygote: the small process every shim is forked from.
 
-shimd forks it first thing, before importing ZeroMQ, msgpack or starting a
-thread (services/shimd/__main__.py), so it holds nothing but the interpreter
-and the shim module. Every shim is forked from it: the interpreter's pages
-are shared copy-on-write by all shims (gc.freeze() keeps the collector from
-dirtying them), and forking a single-threaded process cannot inherit a lock
-some other thread held. Each shim is double-forked into a session of its
-own, so it is a child of neither the zygote, shimd nor supervisord, and
-outlives all of them.
+shimd starts it as a fresh interpreter with no site packages
+(`python -I -S`, see shim_client.ZygoteProcess), so it holds the bare
+interpreter, the shim module and the few C modules that needs: the `json`,
+`socket`, `signal` and `typing` packages never load. It runs whole shim
+lives once (shim.warm_up) so bytecode specialization and the interpreter's
+caches settle here, freezes the heap for the collector, then forks one shim
+per request. The shims share all of that copy-on-write.
 
-Protocol on the socketpair, one request at a time: shimd sends the shim's
-spec as JSON with the write end of a notify pipe attached (SCM_RIGHTS); the
-zygote answers b"ok" once the shim is forked. The shim itself reports on the
-notify pipe: {"shim_pid"}, then {"ok": true, "pid"} or {"ok": false, "error"}.
+What a shim costs is the pages it writes after the fork, and the pages
+the zygote writes after forking it (the shim is left holding the old copy
+alone). So the zygote's loop touches almost nothing: it reads one token
+byte from a pipe and forks. The child itself takes its spec (JSON, with
+the notify pipe attached as SCM_RIGHTS) from the spec socket, starts a
+session of its own and becomes the shim. The zygote ignores SIGCHLD, so
+the kernel reaps shims that end while it lives; after it is gone they are
+init's children.
+
+The zygote ends when shimd does: the token pipe reads end-of-file.
 """
 
 from __future__ import annotations
 
+import _signal
+import _socket
 import ctypes
 import gc
-import json
 import os
-import signal
-import socket
+import select
+import time
 
-from services.shimd import shim
+from services.shimd import compact_json, shim
+from services.shimd.shim_io import receive_fds, send_fds
 
-# typing is a large module the zygote (and so every shim) would carry for
-# annotations alone: they are strings here, so it is only for type checkers.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
-
-_zygote: "ZygoteClient | None" = None
-# threading is imported only in shimd, after the zygote forked: with it
-# loaded, every fork in the zygote would run threading's after-fork hook.
-_lock: Any = None
+# A forked shim drops a spec it could not pick up in this long (shimd died
+# between the token and the spec, or a sibling that was to take it died).
+SPEC_WAIT_SECONDS = 30.0
+# A spec is about a kilobyte of paths; the limit keeps the buffer (and
+# the pages it touches in each shim) small.
+MAX_SPEC_BYTES = 8 * 1024
 
 
-def _serve(sock: socket.socket) -> None:
-    shim.prctl(shim.PR_SET_PDEATHSIG, signal.SIGKILL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def main(token_fd: int, spec_fd: int) -> None:
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+    spec_sock = _socket.socket(fileno=spec_fd)
     scratch = os.path.join(os.environ.get("TMPDIR", "/tmp"), f".pyrio-zygote-{os.getpid()}")
     os.mkdir(scratch, 0o700)
     try:
         shim.warm_up(scratch)
+        _warm_up_pickup(scratch)
     except Exception as exc:  # only memory is at stake: keep serving
-        os.write(2, f"shim zygote: warm-up failed: {exc}\n".encode())
+        os.write(2, f"shim zygote: warm-up failed: {type(exc).__name__}: {exc}\n".encode())
     finally:
-        for directory, subdirs, files in os.walk(scratch, topdown=False):
+        for directory, _, files in os.walk(scratch, topdown=False):
             for name in files:
                 os.unlink(os.path.join(directory, name))
             os.rmdir(directory)
     gc.collect()
     # Hand back the heap the warm-up freed: fewer resident pages for every
-    # shim to share (glibc only; elsewhere this is skipped).
+    # shim to map (glibc only; elsewhere this is skipped).
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except AttributeError:
         pass
     gc.freeze()
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_IGN)
+    _fork_loop(token_fd, spec_sock)
+
+
+def _fork_loop(token_fd: int, spec_sock: _socket.socket) -> None:
+    """Fork one shim per token byte, touching (almost) no memory in between.
+
+    Reading a request and decoding its JSON here, as an earlier zygote did,
+    left about 340 KiB of such pages to every shim; one byte read (a bytes
+    object freed again at once) and a fork leave a page or two.
+    """
+    read = os.read
+    fork = os.fork
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
+            token = read(token_fd, 1)
         except OSError:
             os._exit(0)
+        if not token:  # shimd is gone
+            os._exit(0)
+        if fork() == 0:
+            _become_shim(token_fd, spec_sock)
+
+
+def _become_shim(token_fd: int, spec_sock: _socket.socket) -> None:
+    """In the forked child: take one spec and run the shim. Never returns."""
+    try:
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+        os.close(token_fd)
+        # Its own session: signals to shimd's process group (a terminal's
+        # ^C, supervisord's stop) never reach the shim or its container.
+        os.setsid()
+        spec_bytes, notify_fd = _receive_spec(spec_sock)
+        spec_sock.close()
+        if notify_fd >= 0:
+            shim.run(spec_bytes, notify_fd)
+    finally:
+        os._exit(1)
+
+
+def _receive_spec(spec_sock: _socket.socket) -> tuple[bytes, int]:
+    """(spec JSON, notify fd) of one spawn, left undecoded (the shim decodes
+    it only where it must); (b"", -1) when none came within
+    SPEC_WAIT_SECONDS or shimd is gone.
+
+    A message is the pickup deadline (CLOCK_MONOTONIC ns, 8 bytes little
+    endian) and the spec. Tokens and specs come in pairs, and a SEQPACKET
+    message goes to exactly one reader: children woken together each get
+    one spec, in any order. A spec shimd already gave up on (its deadline
+    passed: the child meant for it died) is dropped and the next one taken,
+    so one lost child never shifts every later spawn by one.
+    """
+    deadline = time.monotonic() + SPEC_WAIT_SECONDS
+    # poll, not select.select: that allocates three 16 KiB fd tables.
+    poller = select.poll()
+    poller.register(spec_sock.fileno(), select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(int(remaining * 1000) + 1):
+            return b"", -1
+        try:
+            # MSG_DONTWAIT, not setblocking: the socket's file is shared
+            # with the zygote and every sibling.
+            message, fds = receive_fds(spec_sock, MAX_SPEC_BYTES, 1, _socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue  # a sibling took it
+        except OSError:
+            return b"", -1
         if not message:  # shimd is gone
-            os._exit(0)
-        try:
-            spec = json.loads(message)
-            notify_fd = fds[0]
-        except (ValueError, IndexError):
-            for fd in fds:
-                os.close(fd)
-            sock.send(b"error")
-            continue
-        first = os.fork()
-        if first == 0:
-            sock.close()
-            os.setsid()
-            if os.fork() == 0:
-                # Never let the container's stdio be our parent's.
-                null = os.open(os.devnull, os.O_RDWR)
-                os.dup2(null, 0)
-                os.dup2(null, 1)
-                log_fd = os.open(spec["shim_log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                os.dup2(log_fd, 2)
-                os.close(null)
-                os.close(log_fd)
-                shim.run(spec, notify_fd)
-            os._exit(0)
-        os.close(notify_fd)
-        os.waitpid(first, 0)
-        sock.send(b"ok")
+            return b"", -1
+        if fds and time.monotonic_ns() <= int.from_bytes(message[:8], "little"):
+            return message[8:], fds[0]
+        for fd in fds:
+            os.close(fd)
 
 
-class ZygoteClient:
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        import threading
+def _warm_up_pickup(scratch: str) -> None:
+    """Take one spec the way a shim does, so that path is warm too."""
+    sender, receiver = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    read_fd, write_fd = os.pipe()
+    try:
+        for _ in range(10):
+            deadline = time.monotonic_ns() + 10**10
+            send_fds(sender, deadline.to_bytes(8, "little") + compact_json.dumps({"container_id": "warm-up"}), [write_fd])
+            _, notify_fd = _receive_spec(receiver)
+            os.close(notify_fd)
+    finally:
+        for fd in (read_fd, write_fd):
+            os.close(fd)
+        sender.close()
+        receiver.close()
 
-        self.pid = pid
-        self.sock = sock
-        self.lock = threading.Lock()
-
-    def spawn(self, spec: dict[str, Any], notify_fd: int) -> None:
-        with self.lock:
-            socket.send_fds(self.sock, [json.dumps(spec).encode()], [notify_fd])
-            answer = self.sock.recv(16)
-        if answer != b"ok":
-            raise RuntimeError(f"the shim zygote could not start the shim ({answer!r})")
-
-    def alive(self) -> bool:
-        try:
-            pid, _ = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            return False
-        return pid == 0
-
-
-def start() -> ZygoteClient:
-    """Fork the zygote now; call before any thread exists."""
-    global _zygote
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:
-        parent_sock.close()
-        try:
-            _serve(child_sock)
-        finally:
-            os._exit(0)
-    child_sock.close()
-    parent_sock.set_inheritable(False)
-    _zygote = ZygoteClient(pid, parent_sock)
-    return _zygote
-
-
-def get() -> ZygoteClient:
-    """The zygote of this process, started (or restarted) when needed."""
-    global _lock
-    if _lock is None:
-        import threading
-
-        _lock = threading.Lock()
-    with _lock:
-        if _zygote is None or not _zygote.alive():
-            start()
-        assert _zygote is not None
-        return _zygote

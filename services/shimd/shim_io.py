@@ -1,0 +1,100 @@
+"""Small OS helpers shared by the shim (shim.py) and its setup helper
+(shim_setup.py).
+
+Everything here runs in the shim zygote's lean interpreter, so it uses the
+C modules directly (`_socket`, not `socket`; `posix_spawn`, not
+`subprocess`): the Python wrappers would load `enum`, `selectors` and more
+into every shim's address space.
+"""
+
+from __future__ import annotations
+
+import _socket
+import ctypes
+import fcntl
+import os
+import sys
+
+PR_SET_CHILD_SUBREAPER = 36
+
+# Resolved once in the zygote, so a shim does not build ctypes objects.
+_libc_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_libc_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def prctl(option: int, value: int) -> None:
+    if _libc_prctl(option, value, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    # Not common.state's: that one brings tempfile and pathlib (and random's
+    # after-fork hook) into the zygote, which every shim would pay for.
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def accept(listener: _socket.socket) -> _socket.socket:
+    """socket.accept for a bare _socket.socket; the new fd is close-on-exec."""
+    fd, _ = listener._accept()
+    return _socket.socket(fileno=fd)
+
+
+def send_fds(sock: _socket.socket, message: bytes, fds: list[int]) -> None:
+    """One message with file descriptors attached (SCM_RIGHTS)."""
+    data = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+    sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, data)])
+
+
+def receive_fds(sock: _socket.socket, bufsize: int, maxfds: int, flags: int = 0) -> tuple[bytes, list[int]]:
+    """One message and the file descriptors passed with it (SCM_RIGHTS),
+    close-on-exec like every other fd here: no runtime or container
+    started later inherits them."""
+    message, ancillary, _, _ = sock.recvmsg(bufsize, _socket.CMSG_LEN(maxfds * 4), flags | _socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            for at in range(0, len(data) - len(data) % 4, 4):
+                fds.append(int.from_bytes(data[at : at + 4], sys.byteorder))
+    return message, fds
+
+
+def read_small_file(path: str) -> bytes:
+    # os.read, not open(): the io stack would be one more code path whose
+    # pages every shim copies.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096).strip()
+    finally:
+        os.close(fd)
+
+
+def set_nonblocking(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+
+def spawn(args: list[str], stdio: tuple[int, int, int]) -> int:
+    """posix_spawn with the given stdio (every other fd here is close-on-exec)."""
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+    return os.posix_spawn(args[0], args, os.environ, file_actions=actions)
+
+
+def write_line(fd: int, message: bytes) -> None:
+    """A line to shimd's notify pipe; shimd may have given up and closed it."""
+    try:
+        os.write(fd, message + b"\n")
+    except OSError:
+        pass

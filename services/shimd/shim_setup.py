@@ -1,0 +1,171 @@
+"""What a shim's setup helper does: create the container, hand its stdio
+and sockets to the shim, and report to shimd.
+
+The shim (shim.py) forks this helper first thing. Decoding the spec,
+binding the sockets, running `<runtime> create` and waiting for it all
+write memory; done here, those pages go away with the helper instead of
+staying private to the long-lived shim (what a shim costs is what it writes
+after it was forked: see zygote.py). The container's init still ends up the
+shim's child: runc's parent is the helper, which is no subreaper, so the
+orphaned init is reparented to the shim, which is.
+
+Hand-off to the shim, one SEQPACKET message: b"<pid> <stdin> <stdin_once>
+<role> <role> ...", with one fd attached per role, in that order (roles:
+null, shim_log, control, attach, log, stdout, stderr, stdin, tty). An empty
+message means the create failed; the helper has told shimd why.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import os
+import select
+import time
+
+from services.shimd import compact_json
+from services.shimd.shim_io import accept, read_small_file, receive_fds, send_fds, spawn, write_line
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+# How long after a successful create the runtime may take to send the pty.
+CONSOLE_WAIT_SECONDS = 5.0
+
+
+def set_up(spec_bytes: bytes, notify_fd: int, result_sock: _socket.socket, shim_pid: int) -> int:
+    """The helper's whole life; returns its exit code."""
+    spec = compact_json.loads(spec_bytes)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    shim_log = os.open(spec["shim_log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(shim_log, 2)  # the helper's own errors go to the shim's log too
+    write_line(notify_fd, b'{"shim_pid": %d}' % shim_pid)
+    handed: dict[str, int] = {"null": null, "shim_log": shim_log}
+    try:
+        created = create(spec, handed)
+    except Exception as exc:
+        for path in (spec["control_socket"], spec["attach_socket"]):
+            remove(path)
+        write_line(notify_fd, compact_json.dumps({"ok": False, "error": str(exc)}))
+        return 1
+    header = b"%d %d %d " % (created, bool(spec.get("stdin")), bool(spec.get("stdin_once")))
+    send_fds(result_sock, header + " ".join(handed).encode(), list(handed.values()))
+    write_line(notify_fd, b'{"ok": true, "pid": %d}' % created)
+    return 0
+
+
+def create(spec: dict[str, Any], handed: dict[str, int]) -> int:
+    """Listen on the shim's sockets and run `<runtime> create`; the
+    container's pid. Adds the fds the shim keeps to `handed`."""
+    handed["control"] = listen(spec["control_socket"], _socket.SOCK_STREAM).detach()
+    handed["attach"] = listen(spec["attach_socket"], _socket.SOCK_SEQPACKET).detach()
+    if spec.get("log_path"):
+        handed["log"] = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    runtime_log = spec["runtime_log"]
+    args = [spec["runtime_path"], "--root", spec["runtime_root"], f"--log={runtime_log}", "--log-format=json",
+            "create", "--bundle", spec["bundle"], "--pid-file", spec["pid_file"]]
+    null = handed["null"]
+    console: _socket.socket | None = None
+    console_path = spec["control_socket"] + ".console"
+    if spec.get("tty"):
+        console = listen(console_path, _socket.SOCK_STREAM)
+        args += ["--console-socket", console_path]
+        stdio = (null, null, null)
+    else:
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        handed["stdout"], handed["stderr"] = out_r, err_r
+        stdin = null
+        if spec.get("stdin"):
+            stdin, handed["stdin"] = os.pipe2(os.O_CLOEXEC)
+        stdio = (stdin, out_w, err_w)
+    args.append(spec["container_id"])
+    try:
+        run_runtime(args, stdio, float(spec.get("create_timeout", 60)), runtime_log)
+        if console is not None:
+            # runc sent the pty master on a connection still in the backlog.
+            if not select.select([console], [], [], CONSOLE_WAIT_SECONDS)[0]:
+                raise RuntimeError("the runtime sent no console for the tty container")
+            handed["tty"] = receive_console(console)
+    finally:
+        for fd in stdio:
+            if fd != null:
+                os.close(fd)
+        if console is not None:
+            console.close()
+            remove(console_path)
+    return int(read_small_file(spec["pid_file"]))
+
+
+def listen(path: str, kind: int) -> _socket.socket:
+    sock = _socket.socket(_socket.AF_UNIX, kind)  # close-on-exec, as Python makes every fd
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # A stale socket file (paths are per container, so rarely): replace it.
+        os.unlink(path)
+        sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return sock
+
+
+def remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def receive_console(console: _socket.socket) -> int:
+    conn = accept(console)
+    try:
+        _, fds = receive_fds(conn, 4096, 4)
+    finally:
+        conn.close()
+    if not fds:
+        raise RuntimeError("console socket message carried no file descriptor")
+    for extra in fds[1:]:
+        os.close(extra)
+    return fds[0]
+
+
+def run_runtime(args: list[str], stdio: tuple[int, int, int], timeout: float, runtime_log: str) -> None:
+    """Run `<runtime> create` to its end; RuntimeError with the runtime's own message."""
+    try:
+        runtime_pid = spawn(args, stdio)
+    except OSError as exc:
+        raise RuntimeError(f"cannot run {args[0]}: {exc}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(runtime_pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(runtime_pid, 9)
+            os.waitpid(runtime_pid, 0)
+            raise RuntimeError(f"{args[0]} create did not finish within {timeout:g}s")
+        time.sleep(0.003)
+    returncode = os.waitstatus_to_exitcode(status)
+    if returncode != 0:
+        raise RuntimeError(runtime_error(runtime_log, f"{args[0]} create exited with {returncode}"))
+
+
+def runtime_error(log_path: str, fallback: str) -> str:
+    """The last error runc/crun wrote to its --log file (JSON lines)."""
+    message = ""
+    try:
+        with open(log_path, "rb") as handle:
+            for raw in handle.read()[-65536:].splitlines():
+                try:
+                    entry = compact_json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and entry.get("level") in ("error", "fatal") and entry.get("msg"):
+                    message = entry["msg"]
+    except OSError:
+        pass
+    return message or fallback.strip() or "runtime failed without a message"
