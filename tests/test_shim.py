@@ -493,3 +493,15 @@ def test_zygote_drops_a_spec_past_its_pickup_deadline(tmp_path: Path) -> None:
             sleeper.wait()
         zygote.close()
         assert zygote.process.returncode == 0  # closing the token pipe ends it
+
+
+def test_zygote_refuses_a_spec_it_could_not_receive_whole(tmp_path: Path) -> None:
+    zygote = ZygoteProcess(str(tmp_path))
+    read_fd, write_fd = os.pipe()
+    try:
+        with pytest.raises(InvalidArgument, match="over the"):
+            zygote.spawn({"log_path": "/x" * 8192}, write_fd, pickup_seconds=10.0)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+        zygote.close()

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.errors import DeadlineExceeded, FailedPrecondition, Internal, Unavailable
+from common.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, Unavailable
+from services.shimd.zygote import MAX_SPEC_BYTES
 
 # How long a spawned shim may take to pick its spec up from the zygote's
 # socket (see services/shimd/zygote.py); after that it drops it.
@@ -60,6 +61,8 @@ class ZygoteProcess:
         """
         deadline_ns = time.monotonic_ns() + int(pickup_seconds * 1e9)
         message = deadline_ns.to_bytes(8, "little") + json.dumps(spec).encode()
+        if len(message) > MAX_SPEC_BYTES:
+            raise InvalidArgument(f"the container's shim spec is {len(message)} bytes, over the {MAX_SPEC_BYTES} a shim accepts (very long paths?)")
         with self.lock:
             try:
                 socket.send_fds(self.spec_sock, [message], [notify_fd])
