@@ -212,6 +212,59 @@ def test_netd_killed_at_any_point_of_run_pod_sandbox(fresh_stack: Stack, patient
         assert_no_leaks(stack)
 
 
+def test_imaged_killed_at_any_point_of_create_container(fault_containers: Containers, patient: Patient) -> None:
+    """A sweep of kill points of imaged through CreateContainer (its
+    rootfs.prepare: the overlay mount and the image's config): each outcome is
+    a created container, or UNAVAILABLE and no container listed, after which
+    the kubelet's retry with the same name works. (shimd resends the
+    idempotent rootfs.prepare to the restarted imaged, so in practice every
+    create here succeeds.) At the end nothing is left: no rootfs mount, no
+    rootfs directory, no record."""
+    containers = fault_containers
+    stack = containers.stack
+    pod = containers.pod()
+    for index, delay in enumerate((0.0, 0.003, 0.006, 0.01, 0.015, 0.02, 0.03, 0.05)):
+        name = f"c{index}"
+        request = api_pb2.CreateContainerRequest(
+            pod_sandbox_id=pod[0], config=containers.config(name, command=["sleep", "3600"]), sandbox_config=pod[1]
+        )
+        outcome: dict[str, Any] = {}
+
+        def create() -> None:
+            try:
+                outcome["id"] = patient.once("CreateContainer", request, 60).container_id
+            except grpc.RpcError as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=create)
+        thread.start()
+        time.sleep(delay)
+        old = kill_service(stack, "imaged")
+        thread.join(60)
+        assert not thread.is_alive()
+        wait_restarted(stack, "imaged", old)
+        wait_all_running(stack)
+        listed = [item for item in containers_of(patient, pod[0]) if item.metadata.name == name]
+        if "id" in outcome:
+            assert [item.id for item in listed] == [outcome["id"]] and listed[0].state == CONTAINER_CREATED
+        else:
+            assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE, outcome["error"]
+            assert listed == []
+            outcome["id"] = patient.once("CreateContainer", request, 60).container_id
+        patient.start(outcome["id"])
+        assert patient.status(outcome["id"]).state == CONTAINER_RUNNING
+        patient.stop(outcome["id"])
+        patient.remove(outcome["id"])
+    container_dirs = stack.state_dir / "shimd" / "containers"
+    wait_until(lambda: not list(container_dirs.iterdir()), 30, what="shimd to finish the removals")
+    assert_no_leaks_but_pod(stack)
+    rootfs_dirs = [path for sub in ("rootfs", "containers") if (stack.state_dir / "imaged" / sub).is_dir()
+                   for path in (stack.state_dir / "imaged" / sub).iterdir()]
+    assert rootfs_dirs == []
+    containers.cleanup()
+    assert_no_leaks(stack)
+
+
 def test_removals_while_imaged_is_down_finish_once_it_is_back(fault_containers: Containers, patient: Patient) -> None:
     """A RemoveContainer (or a failed CreateContainer) that cannot release the
     root filesystem because imaged is down answers UNAVAILABLE; the container
