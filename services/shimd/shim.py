@@ -158,7 +158,7 @@ class Shim:
         self.pid = int(fields[0])
         stdin_enabled, self.stdin_once = fields[1] == b"1", fields[2] == b"1"
         handed = dict(zip(fields[3:], fds))
-        self.stdio_fds = (handed[b"null"], handed[b"shim_log"])
+        self.stdio_fds: tuple[int, ...] = (handed[b"null"], handed[b"shim_log"])
         self.control = _socket.socket(fileno=handed[b"control"])
         self.attach = _socket.socket(fileno=handed[b"attach"])
         self.log = LogWriter("", handed.get(b"log", -1))
