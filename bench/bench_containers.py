@@ -5,7 +5,9 @@
   pods at once (wall time and each pod's latency);
 - ExecSync of `true` in a running container: median and p95 over 50 calls;
 - memory: PSS (from /proc/PID/smaps_rollup) of each service idle, and of
-  every shim with 20 containers running (mean and max), plus the zygote.
+  every shim with 20 containers running (mean and max), plus the zygote;
+- a chatty container: 20 MB of short lines through its shim into the CRI log
+  (throughput, and its shim's PSS once idle again).
 
 On a private stack with a private test registry holding the busybox image.
 """
@@ -32,17 +34,18 @@ from tests.oci_images import push_busybox
 SEQUENTIAL_PODS = 30
 CONCURRENT_PODS = 20
 EXEC_CALLS = 50
+CHATTY_OUTPUT_BYTES = 20_000_000
 
 
-def start_sleeping_pod(runtime: Any, image: str, log_directory: str) -> tuple[str, str]:
-    """RunPodSandbox + CreateContainer + StartContainer of one `sleep` container:
-    (sandbox_id, container_id)."""
+def start_sleeping_pod(runtime: Any, image: str, log_directory: str, command: list[str] | None = None) -> tuple[str, str]:
+    """RunPodSandbox + CreateContainer + StartContainer of one `sleep` container
+    (or of `command`): (sandbox_id, container_id)."""
     config = pod_config(log_directory=log_directory)
     sandbox_id = runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config), timeout=120).pod_sandbox_id
     container = api_pb2.ContainerConfig(
         metadata=api_pb2.ContainerMetadata(name="main"),
         image=api_pb2.ImageSpec(image=image),
-        command=["sleep", "3600"],
+        command=command or ["sleep", "3600"],
         log_path="main.log",
     )
     container.linux.security_context.namespace_options.pid = api_pb2.CONTAINER
@@ -117,6 +120,19 @@ def run() -> dict[str, float | str]:
         shim_pss = [pss_kib(pid) for pid in shim_pids]
         shim_private = [rollup_kib(pid, "Private_Dirty") for pid in shim_pids]
         shim_rss = [rollup_kib(pid, "Rss") for pid in shim_pids]
+
+        # A chatty container: 20 MB of short lines through its shim into the CRI log.
+        chatty_log = log_dir / "chatty" / "main.log"
+        command = ["sh", "-c", f"yes pyrio-log-line-0123456789 | head -c {CHATTY_OUTPUT_BYTES}; echo; echo done; sleep 3600"]
+        started = time.perf_counter()
+        chatty = start_sleeping_pod(runtime, image, str(chatty_log.parent), command)
+        while not (chatty_log.exists() and chatty_log.read_bytes()[-64:].rstrip().endswith(b" F done")):
+            time.sleep(0.05)
+        chatty_seconds = time.perf_counter() - started
+        time.sleep(2)  # past the shim's idle trim
+        status = runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=chatty[1], verbose=True), timeout=20)
+        chatty_shim_pss = pss_kib(json.loads(status.info["info"])["shim_pid"])
+        remove_pod(chatty[0])
         shimd_pid = stack.service_pid("shimd")
         zygotes = children_of(shimd_pid)
         busy_pss = {service: pss_kib(stack.service_pid(service)) for service in SERVICES}
@@ -136,6 +152,8 @@ def run() -> dict[str, float | str]:
             f"shim_pss_max_kib ({CONCURRENT_PODS} containers)": max(shim_pss),
             f"shim_private_dirty_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_private), 1),
             f"shim_rss_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_rss), 1),
+            "chatty_container_log_mb_per_s (20 MB of 28-byte lines, pod start included)": round(CHATTY_OUTPUT_BYTES / 1e6 / chatty_seconds, 1),
+            "chatty_shim_pss_kib (after its 20 MB, idle)": chatty_shim_pss,
         }
         for service in SERVICES:
             figures[f"{service}_pss_idle_kib"] = idle_pss[service]

@@ -52,6 +52,28 @@ def create_in_background(patient: Patient, pod: tuple[str, api_pb2.PodSandboxCon
     return thread, outcome
 
 
+def call_while_killing(stack: Stack, patient: Patient, service: str, delay: float, method: str, request: Any) -> dict[str, Any]:
+    """Make one call, SIGKILL `service` `delay` seconds into it, and wait for
+    the call to end and the service to be back: {"reply": ...} or {"error": RpcError}."""
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["reply"] = patient.once(method, request, 60)
+        except grpc.RpcError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(delay)
+    old = kill_service(stack, service)
+    thread.join(60)
+    assert not thread.is_alive()
+    wait_restarted(stack, service, old)
+    wait_all_running(stack)
+    return outcome
+
+
 def containers_of(patient: Patient, sandbox_id: str) -> list[api_pb2.Container]:
     return [item for item in patient.containers() if item.pod_sandbox_id == sandbox_id]
 
@@ -182,25 +204,10 @@ def test_netd_killed_at_any_point_of_run_pod_sandbox(fresh_stack: Stack, patient
     stack = fresh_stack
     for delay in (0.0, 0.02, 0.05, 0.1, 0.2, 0.35):
         config = pod_config(pid_mode=api_pb2.POD)
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                outcome["id"] = patient.once("RunPodSandbox", api_pb2.RunPodSandboxRequest(config=config), 60).pod_sandbox_id
-            except grpc.RpcError as exc:
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        time.sleep(delay)
-        old = kill_service(stack, "netd")
-        thread.join(30)
-        assert not thread.is_alive()
-        wait_restarted(stack, "netd", old)
-        wait_all_running(stack)
+        outcome = call_while_killing(stack, patient, "netd", delay, "RunPodSandbox", api_pb2.RunPodSandboxRequest(config=config))
         pods = [item for item in patient.pods() if item.metadata.uid == config.metadata.uid]
-        if "id" in outcome:
-            assert [item.id for item in pods] == [outcome["id"]]
+        if "reply" in outcome:
+            assert [item.id for item in pods] == [outcome["reply"].pod_sandbox_id]
             assert pods[0].state == api_pb2.SANDBOX_READY
         else:
             assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE
@@ -228,33 +235,19 @@ def test_imaged_killed_at_any_point_of_create_container(fault_containers: Contai
         request = api_pb2.CreateContainerRequest(
             pod_sandbox_id=pod[0], config=containers.config(name, command=["sleep", "3600"]), sandbox_config=pod[1]
         )
-        outcome: dict[str, Any] = {}
-
-        def create() -> None:
-            try:
-                outcome["id"] = patient.once("CreateContainer", request, 60).container_id
-            except grpc.RpcError as exc:
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=create)
-        thread.start()
-        time.sleep(delay)
-        old = kill_service(stack, "imaged")
-        thread.join(60)
-        assert not thread.is_alive()
-        wait_restarted(stack, "imaged", old)
-        wait_all_running(stack)
+        outcome = call_while_killing(stack, patient, "imaged", delay, "CreateContainer", request)
         listed = [item for item in containers_of(patient, pod[0]) if item.metadata.name == name]
-        if "id" in outcome:
-            assert [item.id for item in listed] == [outcome["id"]] and listed[0].state == CONTAINER_CREATED
+        if "reply" in outcome:
+            container_id = outcome["reply"].container_id
+            assert [item.id for item in listed] == [container_id] and listed[0].state == CONTAINER_CREATED
         else:
             assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE, outcome["error"]
             assert listed == []
-            outcome["id"] = patient.once("CreateContainer", request, 60).container_id
-        patient.start(outcome["id"])
-        assert patient.status(outcome["id"]).state == CONTAINER_RUNNING
-        patient.stop(outcome["id"])
-        patient.remove(outcome["id"])
+            container_id = patient.once("CreateContainer", request, 60).container_id
+        patient.start(container_id)
+        assert patient.status(container_id).state == CONTAINER_RUNNING
+        patient.stop(container_id)
+        patient.remove(container_id)
     container_dirs = stack.state_dir / "shimd" / "containers"
     wait_until(lambda: not list(container_dirs.iterdir()), 30, what="shimd to finish the removals")
     assert_no_leaks_but_pod(stack)

@@ -41,6 +41,7 @@ from services.shimd.shim_io import (
     receive_fds,
     set_nonblocking,
     spawn,
+    trim_heap,
 )
 
 # typing is a large module the zygote (and so every shim) would carry for
@@ -51,7 +52,12 @@ if TYPE_CHECKING:
 
 # A log line longer than this is written in parts marked P (as conmon does).
 MAX_LOG_LINE = 16 * 1024
-READ_CHUNK = 64 * 1024
+# The shim's one read buffer for the container's output, and the most log
+# bytes it builds up before writing them out.
+READ_CHUNK = 32 * 1024
+LOG_BATCH_BYTES = 64 * 1024
+# A shim whose container went quiet this long after output trims its heap.
+TRIM_AFTER_IDLE_MS = 1000
 # ExecSync output kept per stream; the rest is read and discarded so the
 # exec'd command never blocks, and the caller learns it was truncated.
 DEFAULT_EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
@@ -106,46 +112,60 @@ class LogWriter:
         if self.path:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
 
-    def _emit(self, stream: bytes, tag: bytes, content: bytes, out: list[bytes]) -> None:
-        out.append(b"%s %s %s %s\n" % (rfc3339_nano(time.time_ns()), stream, tag, content))
+    def write(self, stream: bytes, data: bytes | bytearray | memoryview) -> None:
+        """Log one chunk the container wrote, stamped once (as conmon does).
 
-    def write(self, stream: bytes, data: bytes) -> None:
-        buffer = self.partial[stream] + data
-        out: list[bytes] = []
-        while True:
-            newline = buffer.find(b"\n")
-            if 0 <= newline <= MAX_LOG_LINE:
-                self._emit(stream, b"F", buffer[:newline], out)
-                buffer = buffer[newline + 1 :]
-            elif len(buffer) > MAX_LOG_LINE:
+        Lines are cut out by offset, not by re-slicing the rest of the chunk,
+        and written in batches of at most LOG_BATCH_BYTES: a chatty container
+        costs its shim no lasting memory beyond a batch."""
+        pending = self.partial[stream]
+        buffer = pending + bytes(data) if pending else bytes(data)
+        stamp = rfc3339_nano(time.time_ns())
+        full, part = b"%s %s F " % (stamp, stream), b"%s %s P " % (stamp, stream)
+        view = memoryview(buffer)
+        out = bytearray()
+        start, end = 0, len(buffer)
+        while start < end:
+            newline = buffer.find(b"\n", start, start + MAX_LOG_LINE + 1)
+            if newline >= 0:
+                out += full
+                out += view[start : newline + 1]
+                start = newline + 1
+            elif end - start > MAX_LOG_LINE:
                 # More than a full line's worth with no newline in it yet.
-                self._emit(stream, b"P", buffer[:MAX_LOG_LINE], out)
-                buffer = buffer[MAX_LOG_LINE:]
+                out += part
+                out += view[start : start + MAX_LOG_LINE]
+                out += b"\n"
+                start += MAX_LOG_LINE
             else:
                 break
-        self.partial[stream] = buffer
+            if len(out) >= LOG_BATCH_BYTES:
+                self._write_out(out)
+                out.clear()
+        self.partial[stream] = bytes(view[start:])
+        view.release()
         self._write_out(out)
 
     def flush_partial(self, stream: bytes) -> None:
         """At EOF a line without its newline is written as a part (P)."""
         if self.partial[stream]:
-            out: list[bytes] = []
-            self._emit(stream, b"P", self.partial[stream], out)
+            stamp = rfc3339_nano(time.time_ns())
+            self._write_out(b"%s %s P %s\n" % (stamp, stream, self.partial[stream]))
             self.partial[stream] = b""
-            self._write_out(out)
 
-    def _write_out(self, out: list[bytes]) -> None:
-        if self.fd < 0 or not out:
+    def _write_out(self, data: bytes | bytearray) -> None:
+        if self.fd < 0 or not data:
             return
-        data = b"".join(out)
-        while data:
+        view = memoryview(data)
+        while view:
             try:
-                written = os.write(self.fd, data)
+                written = os.write(self.fd, view)
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
-                return  # a full disk must not kill the container's supervisor
-            data = data[written:]
+                break  # a full disk must not kill the container's supervisor
+            view = view[written:]
+        view.release()
 
 
 class Shim:
@@ -183,6 +203,9 @@ class Shim:
         self.stop_waiters: list[list[Any]] = []  # [conn, deadline, killed]
         self.wakeup_r = -1
         self.wakeup_w = -1
+        self.read_buffer: bytearray | None = None
+        # Output was handled since the heap was last trimmed (see serve).
+        self.output_since_trim = False
 
     def adopt_stdio(self) -> None:
         """The shim's own stdio from now on: nothing of shimd's or the zygote's."""
@@ -228,10 +251,15 @@ class Shim:
                     break
             registered = self.register(poller)
             timeout = self.poll_timeout(drain_until)
+            if self.output_since_trim and not 0 <= timeout <= TRIM_AFTER_IDLE_MS:
+                timeout = TRIM_AFTER_IDLE_MS
             try:
                 events = poller.poll(timeout)
             except InterruptedError:
                 events = []
+            if not events and self.output_since_trim:
+                trim_heap()
+                self.output_since_trim = False
             for fd, _ in registered:
                 poller.unregister(fd)
             for fd, event in events:
@@ -300,44 +328,48 @@ class Shim:
 
     # --- container output -----------------------------------------------
 
-    def read_output(self, fd: int) -> None:
+    def read_chunk(self, fd: int) -> memoryview | None:
+        """fd's next output, in the shim's one read buffer (valid until the
+        next read): None while there is none, empty at end of file."""
+        if self.read_buffer is None:
+            self.read_buffer = bytearray(READ_CHUNK)
         try:
-            data = os.read(fd, READ_CHUNK)
+            count = os.readv(fd, [self.read_buffer])
         except BlockingIOError:
-            return
+            return None
         except OSError:  # EIO: the pty's other side is gone
-            data = b""
+            count = 0
+        return memoryview(self.read_buffer)[:count]
+
+    def read_output(self, fd: int) -> bool:
+        """Forward one chunk of fd's output; False once there is nothing to read."""
+        data = self.read_chunk(fd)
+        if data is None:
+            return False
         if not data:
             self.close_output(fd)
-            return
+            return False
+        self.output_since_trim = True
         self.forward(self.outputs[fd], data)
+        data.release()
+        return True
 
-    def forward(self, stream: bytes, data: bytes) -> None:
+    def forward(self, stream: bytes, data: memoryview) -> None:
         """Output goes to the log, and to every attached client."""
         self.log.write(stream, data)
         if self.attach_clients:
-            packet = (STREAM_STDOUT if stream == b"stdout" else STREAM_STDERR) + data
+            packet = [STREAM_STDOUT if stream == b"stdout" else STREAM_STDERR, data]
             for client_fd, client in list(self.attach_clients.items()):
                 try:
-                    client.sendall(packet)
+                    client.sendmsg(packet)  # one SEQPACKET packet: stream id, then the data
                 except OSError:
                     self.drop_attach_client(client_fd)
 
     def drain_available(self) -> None:
         for fd in list(self.outputs):
             for _ in range(64):
-                if fd not in self.outputs:
+                if fd not in self.outputs or not self.read_output(fd):
                     break
-                try:
-                    data = os.read(fd, READ_CHUNK)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    data = b""
-                if not data:
-                    self.close_output(fd)
-                    break
-                self.forward(self.outputs[fd], data)
 
     def close_output(self, fd: int) -> None:
         stream = self.outputs.pop(fd)

@@ -18,14 +18,23 @@ import sys
 PR_SET_CHILD_SUBREAPER = 36
 
 # Resolved once in the zygote, so a shim does not build ctypes objects.
-_libc_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_prctl = _libc.prctl
 _libc_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
 
 
 def prctl(option: int, value: int) -> None:
     if _libc_prctl(option, value, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim):
+    after a burst of output they would stay private to the shim."""
+    if _libc_malloc_trim is not None:
+        _libc_malloc_trim(0)
 
 
 def atomic_write(path: str, data: bytes) -> None:
