@@ -231,7 +231,6 @@ class Shim:
 
     def serve(self) -> None:
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        set_nonblocking(self.wakeup_r)
         _signal.set_wakeup_fd(self.wakeup_w)
         # _signal, not signal.signal: that wrapper converts through enum
         # machinery, one more code path each shim would copy pages of.

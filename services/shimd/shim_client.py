@@ -91,24 +91,27 @@ _zygote_label = ""
 
 def start_zygote(label: str) -> ZygoteProcess:
     """Start (or restart) the zygote now, so the first spawn does not wait for its warm-up."""
-    global _zygote, _zygote_label
+    global _zygote_label
     with _zygote_lock:
         _zygote_label = label
-        if _zygote is not None:
-            _zygote.close()
-        _zygote = ZygoteProcess(label)
-        return _zygote
+        return _replace_zygote()
 
 
 def zygote() -> ZygoteProcess:
     """The running zygote, restarted when it died."""
-    global _zygote
     with _zygote_lock:
         if _zygote is None or not _zygote.alive():
-            if _zygote is not None:
-                _zygote.close()
-            _zygote = ZygoteProcess(_zygote_label)
+            return _replace_zygote()
         return _zygote
+
+
+def _replace_zygote() -> ZygoteProcess:
+    """End the current zygote, if any, and start a new one (under _zygote_lock)."""
+    global _zygote
+    if _zygote is not None:
+        _zygote.close()
+    _zygote = ZygoteProcess(_zygote_label)
+    return _zygote
 
 
 def spawn_shim(spec: dict[str, Any], timeout: float) -> dict[str, Any]:

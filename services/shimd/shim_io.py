@@ -81,16 +81,6 @@ def receive_fds(sock: _socket.socket, bufsize: int, maxfds: int, flags: int = 0)
     return message, fds
 
 
-def read_small_file(path: str) -> bytes:
-    # os.read, not open(): the io stack would be one more code path whose
-    # pages every shim copies.
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 4096).strip()
-    finally:
-        os.close(fd)
-
-
 def set_nonblocking(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
@@ -99,11 +89,3 @@ def spawn(args: list[str], stdio: tuple[int, int, int]) -> int:
     """posix_spawn with the given stdio (every other fd here is close-on-exec)."""
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
     return os.posix_spawn(args[0], args, os.environ, file_actions=actions)
-
-
-def write_line(fd: int, message: bytes) -> None:
-    """A line to shimd's notify pipe; shimd may have given up and closed it."""
-    try:
-        os.write(fd, message + b"\n")
-    except OSError:
-        pass

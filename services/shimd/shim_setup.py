@@ -24,7 +24,7 @@ import select
 import time
 
 from services.shimd import compact_json
-from services.shimd.shim_io import accept, read_small_file, receive_fds, send_fds, spawn, write_line
+from services.shimd.shim_io import accept, receive_fds, send_fds, spawn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -169,3 +169,19 @@ def runtime_error(log_path: str, fallback: str) -> str:
     except OSError:
         pass
     return message or fallback.strip() or "runtime failed without a message"
+
+
+def read_small_file(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096).strip()
+    finally:
+        os.close(fd)
+
+
+def write_line(fd: int, message: bytes) -> None:
+    """A line to shimd's notify pipe; shimd may have given up and closed it."""
+    try:
+        os.write(fd, message + b"\n")
+    except OSError:
+        pass

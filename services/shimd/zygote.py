@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import _signal
 import _socket
-import ctypes
 import gc
 import os
 import select
 import time
 
 from services.shimd import compact_json, shim
-from services.shimd.shim_io import receive_fds, send_fds
+from services.shimd.shim_io import receive_fds, send_fds, trim_heap
 
 # A forked shim drops a spec it could not pick up in this long (shimd died
 # between the token and the spec, or a sibling that was to take it died).
@@ -59,11 +58,8 @@ def main(token_fd: int, spec_fd: int) -> None:
             os.rmdir(directory)
     gc.collect()
     # Hand back the heap the warm-up freed: fewer resident pages for every
-    # shim to map (glibc only; elsewhere this is skipped).
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except AttributeError:
-        pass
+    # shim to map.
+    trim_heap()
     gc.freeze()
     _signal.signal(_signal.SIGCHLD, _signal.SIG_IGN)
     _fork_loop(token_fd, spec_sock)
