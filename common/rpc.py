@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 import msgpack
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from common.errors import (
     DeadlineExceeded,
@@ -49,6 +48,13 @@ log = logging.getLogger("pyrio.rpc")
 CONNECT_GRACE_SECONDS = 1.0
 
 _CONNECTED_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
+
+
+def _monitor_event(frames: list[bytes]) -> int:
+    """The event number of a ZeroMQ monitor message (first frame: u16 event,
+    u32 value). Parsed here because zmq.utils.monitor imports asyncio and ssl,
+    about 5 MiB in every daemon."""
+    return int.from_bytes(frames[0][:2], "little")
 
 
 def pack(value: Any) -> bytes:
@@ -191,7 +197,7 @@ class _ThreadSocket:
         disconnected = False
         while self.monitor.poll(timeout_ms):
             timeout_ms = 0
-            event = recv_monitor_message(self.monitor)["event"]
+            event = _monitor_event(self.monitor.recv_multipart())
             if event == _CONNECTED_EVENT:
                 self.connected = True
             elif event == zmq.EVENT_DISCONNECTED:

@@ -86,7 +86,11 @@ def _method_handler(gateway: Gateway, method: Any) -> grpc.RpcMethodHandler:
         with IN_FLIGHT:
             return serve_cri_call(name, lambda req, _ctx: handler(gateway, req), request, context)
 
-    kwargs = dict(request_deserializer=request_class.FromString, response_serializer=response_class.SerializeToString)
+    def serialize(response: Any) -> bytes:
+        # A handler may answer the response already serialized (list_cache.py).
+        return response if isinstance(response, bytes) else response_class.SerializeToString(response)
+
+    kwargs = dict(request_deserializer=request_class.FromString, response_serializer=serialize)
     if method.server_streaming:
         def stream(request: Any, context: grpc.ServicerContext) -> Any:
             with IN_FLIGHT:

@@ -266,11 +266,24 @@ class SandboxManager:
         return _current(self.store.get(self.store.resolve(given_id)))
 
     def list(self, filter_: dict[str, Any]) -> list[dict[str, Any]]:
+        if filter_.get("ids") is not None:
+            filter_ = {**filter_, "ids": set(filter_["ids"])}
         return [
             record
             for record in map(_current, self.store.all())
             if record["state"] != CREATING and matches_filter(record, filter_)
         ]
+
+    def brief(self, filter_: dict[str, Any]) -> list[list[str]]:
+        """[id, state] of each listed sandbox matching the filter, oldest first."""
+        brief = []
+        for record in self.store.listed():
+            state = _current_state(record)
+            if filter_.get("state") and state != filter_["state"]:
+                continue
+            if matches_filter(record, {**filter_, "state": None}):
+                brief.append([record["id"], state])
+        return brief
 
     def check(self, given_id: str) -> None:
         sandbox_id = self.store.resolve(given_id)
@@ -279,13 +292,18 @@ class SandboxManager:
             self.cni.check(sandbox_id)
 
 
-def _current(record: dict[str, Any]) -> dict[str, Any]:
-    """The record as it stands now: a ready pod whose network namespace pin
+def _current_state(record: dict[str, Any]) -> str:
+    """The state as it stands now: a ready pod whose network namespace pin
     vanished (the run dir was wiped under a running netd) is not ready."""
     if record["state"] == READY and record["namespaces"]["network"] and not os.path.exists(
         record["namespaces"]["network"]
     ):
-        record["state"] = NOTREADY
+        return NOTREADY
+    return record["state"]
+
+
+def _current(record: dict[str, Any]) -> dict[str, Any]:
+    record["state"] = _current_state(record)
     return record
 
 

@@ -24,6 +24,7 @@ from common.config import Config
 from common.errors import NotFound
 from common.ids import resolve_id
 from common.state import atomic_write_json, read_json, remove_stale_temp_files
+from services.shimd.liveness import InitWatch
 
 CREATED, RUNNING, EXITED, UNKNOWN = 0, 1, 2, 3  # CRI ContainerState
 STATE_NAMES = {CREATED: "CONTAINER_CREATED", RUNNING: "CONTAINER_RUNNING", EXITED: "CONTAINER_EXITED", UNKNOWN: "CONTAINER_UNKNOWN"}
@@ -74,6 +75,7 @@ class ContainerStore:
         self._records: dict[str, dict[str, Any]] = {}
         self._lock = threading.RLock()
         self._id_locks: dict[str, threading.RLock] = {}
+        self.inits = InitWatch()
         for directory in self.root.iterdir():
             if not directory.is_dir():
                 continue
@@ -145,6 +147,7 @@ class ContainerStore:
         with self._lock:
             self._records.pop(container_id, None)
             self._id_locks.pop(container_id, None)
+        self.inits.forget(container_id)
         for path in (self.control_socket(container_id), self.attach_socket(container_id)):
             try:
                 os.unlink(path)
@@ -171,14 +174,24 @@ class ContainerStore:
         pid = int(record.get("shim_pid") or 0)
         return bool(pid) and process_start_time(pid) != 0 and os.path.exists(self.control_socket(record["id"]))
 
-    def state(self, record: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-        """(CRI state, exit record) derived from the files and the live processes."""
+    def state(self, record: dict[str, Any], alive_ids: set[str] | None = None) -> tuple[int, dict[str, Any] | None]:
+        """(CRI state, exit record) derived from the files and the live processes.
+
+        `alive_ids` is `self.inits.alive_ids()` taken once for a whole listing."""
         if record.get("phase") == PHASE_CREATING:
             return UNKNOWN, None
-        exit_record = self.read_exit(record["id"])
+        container_id = record["id"]
+        # An init held by a pidfd that has not exited: no exit file can exist yet.
+        if container_id in alive_ids if alive_ids is not None else self.inits.alive(container_id):
+            return (RUNNING if record.get("started_at") else CREATED), None
+        exit_record = self.inits.exit_record(container_id) or self.read_exit(container_id)
         if exit_record is not None:
+            self.inits.remember_exit(container_id, exit_record)
             return EXITED, exit_record
-        if self.shim_alive(record) or self.init_alive(record):
+        if self.init_alive(record):
+            self.inits.watch(container_id, int(record["pid"]), lambda: self.init_alive(record))
+            return (RUNNING if record.get("started_at") else CREATED), None
+        if self.shim_alive(record):
             return (RUNNING if record.get("started_at") else CREATED), None
         # Both gone and no exit file: the shim was killed, then the container
         # ended. Re-read first: the shim may have written it just now.
@@ -189,6 +202,7 @@ class ContainerStore:
             else:
                 reason = "the shim exited before recording the container's exit"
             exit_record = self.record_lost_exit(record, reason)
+        self.inits.remember_exit(container_id, exit_record)
         return EXITED, exit_record
 
     def termination_message(self, record: dict[str, Any]) -> str:
