@@ -8,7 +8,8 @@ The rounds alternate which runtime goes first; each figure is the median over
 the rounds, printed with its pyrio/containerd ratio (below 1: pyrio is ahead,
 for times, memory and CPU; above 1 for throughputs).
 
-Environment: PYRIO_BENCH_ROUNDS (3), PYRIO_BENCH_PODS (110).
+Environment: PYRIO_BENCH_ROUNDS (3), PYRIO_BENCH_PODS (110), PYRIO_BENCH_SECCOMP
+(runtime_default, or unconfined: the profile both runtimes give every container).
 """
 
 from __future__ import annotations
@@ -58,9 +59,8 @@ def pull(rt: CriRuntime, reference: str) -> None:
 
 def idle_figures(rt: CriRuntime) -> dict[str, float]:
     figures = {"idle daemons PSS MiB": round(total_pss_kib(rt.daemon_pids()) / 1024, 1)}
-    if isinstance(rt, Pyrio):
-        for name, pid in rt.service_pids().items():
-            figures[f"  idle {name} PSS MiB"] = round(pss_kib(pid) / 1024, 1)
+    for name, pid in rt.service_pids().items():
+        figures[f"  idle {name} PSS MiB"] = round(pss_kib(pid) / 1024, 1)
     return figures
 
 
@@ -90,12 +90,10 @@ def run() -> dict[str, Any]:
         image = push_busybox(registry, "bench/busybox", "latest").reference
         pause = push_pause(registry)
         runtimes = [Containerd(registry.host, pause), Pyrio()]
-        idle_kib: dict[str, int] = {}
         for rt in runtimes:
             rt.start()
             time.sleep(IDLE_SETTLE_SECONDS)
             idle = idle_figures(rt)
-            idle_kib[rt.name] = total_pss_kib(rt.daemon_pids())
             pull(rt, image)
             if isinstance(rt, Containerd):
                 pull(rt, pause)
@@ -104,19 +102,15 @@ def run() -> dict[str, Any]:
             reference = push_pull_image(registry, round_index)
             order = runtimes if round_index % 2 == 0 else list(reversed(runtimes))
             for rt in order:
-                figures = run_round(rt, image, reference, PODS, idle_kib[rt.name])
+                figures = run_round(rt, image, reference, PODS)
                 results[rt.name].append(figures)
                 print(f"  [round {round_index + 1} {rt.name} done]", flush=True)
         # The idle figures are in the first entry only; rounds hold the rest.
-        pyrio = next(rt for rt in runtimes if isinstance(rt, Pyrio))
-        after = {"after all rounds: daemons PSS MiB": round(total_pss_kib(pyrio.daemon_pids()) / 1024, 1)}
-        for name, pid in pyrio.service_pids().items():
-            after[f"  after all rounds: {name} PSS MiB"] = round(pss_kib(pid) / 1024, 1)
-        results["pyrio"].append(after)
-        containerd = next(rt for rt in runtimes if isinstance(rt, Containerd))
-        results["containerd"].append(
-            {"after all rounds: daemons PSS MiB": round(total_pss_kib(containerd.daemon_pids()) / 1024, 1)}
-        )
+        for rt in runtimes:
+            after = {"after all rounds: daemons PSS MiB": round(total_pss_kib(rt.daemon_pids()) / 1024, 1)}
+            for name, pid in rt.service_pids().items():
+                after[f"  after all rounds: {name} PSS MiB"] = round(pss_kib(pid) / 1024, 1)
+            results[rt.name].append(after)
     finally:
         for rt in runtimes:
             rt.stop()

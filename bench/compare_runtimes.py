@@ -85,6 +85,10 @@ class CriRuntime:
         """The process that downloads and unpacks images."""
         raise NotImplementedError
 
+    def service_pids(self) -> dict[str, int]:
+        """The daemons by name, for per-process figures."""
+        return {self.name: pid for pid in self.daemon_pids()}
+
 
 def containerd_config(root: Path, registry_host: str, pause_image: str) -> str:
     return f"""version = 2

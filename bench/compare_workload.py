@@ -8,6 +8,7 @@ what it reads of the processes comes from the runtime's process tree
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from typing import Any, Callable
 from cri_api.v1 import api_pb2
 
 from bench.compare_runtimes import CriRuntime
-from bench.proc_stats import PeakRss, cpu_seconds, descendants, parent_pid, total_cpu_seconds, total_pss_kib
+from bench.proc_stats import PeakRss, cpu_seconds, parent_pid, pss_kib, total_cpu_seconds, total_pss_kib
 from bench.timing import p95, timed
 from tests.fixtures_pods import pod_config
 
@@ -27,6 +28,14 @@ LIST_CALLS = 50
 STATS_CALLS = 20
 CHATTY_BYTES = 50_000_000
 RAMP_WORKERS = 4
+# Both runtimes get the same explicit seccomp choice: unset, pyrio (as CRI-O)
+# applies its default profile and containerd none, and loading the filter is
+# a large part of every `runc exec`. RuntimeDefault unless told "unconfined".
+SECCOMP_PROFILE = (
+    api_pb2.SecurityProfile.Unconfined
+    if os.environ.get("PYRIO_BENCH_SECCOMP") == "unconfined"
+    else api_pb2.SecurityProfile.RuntimeDefault
+)
 
 
 class Pods:
@@ -57,6 +66,8 @@ class Pods:
             log_path="main.log",
             labels={"bench": "compare", "index": str(index)},
         )
+        container.linux.security_context.seccomp.profile_type = SECCOMP_PROFILE
+        container.linux.security_context.seccomp.SetInParent()
         container_id = runtime.CreateContainer(
             api_pb2.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=container, sandbox_config=config), timeout=120
         ).container_id
@@ -170,17 +181,22 @@ def relist_figures(rt: CriRuntime, pods: Pods) -> dict[str, float]:
     return figures
 
 
-def memory_figures(rt: CriRuntime, pods: Pods, idle_daemons_kib: int) -> dict[str, float]:
+def memory_figures(rt: CriRuntime, pods: Pods, daemons_before_kib: int) -> dict[str, float]:
+    """Memory at scale; per pod: everything of the runtime but the containers'
+    own processes, less what its daemons held before the pods started."""
     workloads = {pods.container_pid(container_id) for _, container_id in pods.started}
     everything = rt.all_pids() - workloads
     daemons = rt.daemon_pids()
     total = total_pss_kib(everything)
     daemon_total = total_pss_kib(daemons)
     count = len(pods.started)
-    return {
+    figures = {
         f"daemons PSS MiB at {count} pods": round(daemon_total / 1024, 1),
-        "memory per pod MiB (shims, pod processes, daemon growth)": round((total - idle_daemons_kib) / 1024 / count, 3),
+        "memory per pod MiB (shims, pod processes, daemon growth)": round((total - daemons_before_kib) / 1024 / count, 3),
     }
+    for name, pid in rt.service_pids().items():
+        figures[f"  {name} PSS MiB at {count} pods"] = round(pss_kib(pid) / 1024, 1)
+    return figures
 
 
 def _log_ends_with(path: Any, suffix: bytes) -> bool:
@@ -216,9 +232,11 @@ def chatty_figures(rt: CriRuntime, pods: Pods) -> dict[str, float]:
     }
 
 
-def run_round(rt: CriRuntime, image: str, pull: tuple[str, int], pods_at_scale: int, idle_daemons_kib: int) -> dict[str, float]:
+def run_round(rt: CriRuntime, image: str, pull: tuple[str, int], pods_at_scale: int) -> dict[str, float]:
     figures: dict[str, float] = {}
     figures.update(cold_pull(rt, *pull))
+    time.sleep(3)  # past an idle daemon's heap trim
+    daemons_before_kib = total_pss_kib(rt.daemon_pids())
     pods = Pods(rt, image)
     try:
         figures.update(start_figures(pods))
@@ -227,13 +245,15 @@ def run_round(rt: CriRuntime, image: str, pull: tuple[str, int], pods_at_scale: 
         figures.update(exec_figures(rt, pods.started[0][1]))
         figures.update(relist_figures(rt, pods))
         time.sleep(1)
-        figures.update(memory_figures(rt, pods, idle_daemons_kib))
+        figures.update(memory_figures(rt, pods, daemons_before_kib))
         figures.update(chatty_figures(rt, pods))
         started = time.perf_counter()
         pods.remove_all()
         figures[f"teardown of {pods_at_scale} pods s (4 at a time)"] = round(time.perf_counter() - started, 1)
     finally:
         pods.remove_all()
-    time.sleep(2)
+    time.sleep(3)  # past an idle daemon's heap trim
     figures["daemons PSS MiB after teardown"] = round(total_pss_kib(rt.daemon_pids()) / 1024, 1)
+    for name, pid in rt.service_pids().items():
+        figures[f"  {name} PSS MiB after teardown"] = round(pss_kib(pid) / 1024, 1)
     return figures

@@ -40,6 +40,7 @@ from common.errors import (
     Unimplemented,
     error_from_wire,
 )
+from common.heap import IdleTrim
 
 log = logging.getLogger("pyrio.rpc")
 
@@ -96,6 +97,8 @@ class RpcServer:
         self._stop = threading.Event()
         self._router: zmq.Socket | None = None
         self._replies: zmq.Socket | None = None
+        self._idle_trim = IdleTrim()
+        self._in_flight = 0  # requests handed to the pool and not answered yet (I/O thread only)
 
     def register(self, method: str, handler: Handler) -> None:
         self._handlers[method] = handler
@@ -127,13 +130,20 @@ class RpcServer:
         poller.register(self._replies, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                for sock, _ in poller.poll(200):
+                ready = poller.poll(200)
+                if not ready:
+                    self._idle_trim.maybe_trim(busy=self._in_flight > 0)
+                    continue
+                self._idle_trim.note_activity()
+                for sock, _ in ready:
                     if sock is self._router:
                         frames = self._router.recv_multipart(zmq.NOBLOCK)
                         if len(frames) == 2:
+                            self._in_flight += 1
                             self._pool.submit(self._handle, frames[0], frames[1])
                     else:
                         frames = self._replies.recv_multipart(zmq.NOBLOCK)
+                        self._in_flight = max(0, self._in_flight - 1)
                         try:
                             self._router.send_multipart(frames, zmq.NOBLOCK)
                         except zmq.ZMQError:

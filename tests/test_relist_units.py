@@ -1,4 +1,4 @@
-"""Unit tests of the relist machinery: crigw's ListCache and shimd's InitWatch.
+"""Unit tests of the relist machinery (crigw's ListCache, shimd's InitWatch) and of common.heap.
 
 The end-to-end listing is covered by test_sandboxes.py / test_containers.py
 and, through restarts and kills, by the fault tests.
@@ -7,6 +7,7 @@ and, through restarts and kills, by the fault tests.
 from __future__ import annotations
 
 import subprocess
+import time
 
 from cri_api.v1 import api_pb2
 
@@ -71,3 +72,16 @@ def test_init_watch_refuses_a_pid_that_changed_and_keeps_exits() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_idle_trim_runs_once_after_activity_and_quiet() -> None:
+    from common.heap import IdleTrim
+
+    trim = IdleTrim(idle_seconds=0.05)
+    assert not trim.maybe_trim()  # nothing happened yet
+    trim.note_activity()
+    assert not trim.maybe_trim()  # not quiet long enough
+    time.sleep(0.06)
+    assert not trim.maybe_trim(busy=True)  # a call is in flight
+    assert trim.maybe_trim()
+    assert not trim.maybe_trim()  # once per burst

@@ -56,11 +56,17 @@ class InFlightCalls:
 
     def __init__(self) -> None:
         self._count = 0
+        self.started_total = 0  # calls ever started: tells an idle gateway there was activity
         self._idle = threading.Condition()
+
+    @property
+    def busy(self) -> bool:
+        return self._count > 0
 
     def __enter__(self) -> None:
         with self._idle:
             self._count += 1
+            self.started_total += 1
 
     def __exit__(self, *_exc: Any) -> None:
         with self._idle:
