@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidArgument
+from services.shimd.request_files import read_regular_file
+
+# An image's /etc/passwd or /etc/group past this is hostile, not a user list.
+MAX_USER_DB_BYTES = 4 << 20
 
 
 def _rootfs_file(rootfs: str, path: str) -> Path | None:
@@ -28,7 +32,8 @@ def _read_db(rootfs: str, path: str) -> list[list[str]]:
     if found is None:
         return []
     rows = []
-    for line in found.read_text(errors="replace").splitlines():
+    text = read_regular_file(str(found), MAX_USER_DB_BYTES, f"the image's {path}").decode(errors="replace")
+    for line in text.splitlines():
         if line and not line.startswith("#"):
             rows.append(line.split(":"))
     return rows
