@@ -35,7 +35,7 @@ from common.errors import (
 from common.ids import new_id
 from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
-from services.shimd import cgroup_stats, oci_spec
+from services.shimd import cgroup_stats, oci_spec, spec_mounts, spec_resources
 from services.shimd.records import (
     CREATED,
     EXITED,
@@ -116,7 +116,7 @@ class ShimDaemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = ContainerStore(config)
-        self.layout = oci_spec.CgroupLayout.detect()
+        self.layout = spec_resources.CgroupLayout.detect()
         self.netd = client_for(config, "netd")
         self.imaged = client_for(config, "imaged")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shimd-bulk")
@@ -338,7 +338,7 @@ class ShimDaemon:
         )
         cgroups_path = spec["linux"]["cgroupsPath"]
         stop_signal = config.get("stop_signal") or image_config.get("StopSignal") or ""
-        termination = oci_spec.termination_message_source(config, container_dir)
+        termination = spec_mounts.termination_message_source(config, container_dir)
         record.update(
             cgroups_path=cgroups_path,
             stop_signal=signal_number(stop_signal),
@@ -717,7 +717,7 @@ class ShimDaemon:
             state, _ = self.store.state(record)
             if state not in (CREATED, RUNNING):
                 raise FailedPrecondition(f"container {record['id'][:12]} is {self._state_word(state)}: cannot update its resources")
-            resources = oci_spec.oci_resources(linux, self.layout)
+            resources = spec_resources.oci_resources(linux, self.layout)
             if resources:
                 self._runtime(record, "update", "--resources", "-", record["id"], stdin=json.dumps(resources).encode())
             merged = dict(record.get("resources") or {})
