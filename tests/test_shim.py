@@ -27,7 +27,7 @@ import pytest
 from common.config import Config
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from common.rpc import CallContext, RpcServer
-from services.shimd import compact_json, oci_spec
+from services.shimd import compact_json, oci_spec, spec_resources, spec_security, spec_users
 from services.shimd.shim_client import REPOSITORY_ROOT, ZygoteProcess
 from services.shimd.records import CREATED, EXITED, RUNNING
 from services.shimd.shim import MAX_LOG_LINE, LogWriter
@@ -183,32 +183,32 @@ def test_process_args_follow_kubernetes_rules() -> None:
 
 
 def test_capabilities_add_drop_all() -> None:
-    assert oci_spec.capabilities(["CHOWN", "KILL"], {"capabilities": {"drop_capabilities": ["ALL"], "add_capabilities": ["NET_ADMIN"]}}) == ["CAP_NET_ADMIN"]
-    assert "CAP_SYS_ADMIN" in oci_spec.capabilities([], {"capabilities": {"add_capabilities": ["ALL"]}})
-    assert oci_spec.capabilities(["CHOWN", "KILL"], {"capabilities": {"drop_capabilities": ["kill"]}}) == ["CAP_CHOWN"]
+    assert spec_security.capabilities(["CHOWN", "KILL"], {"capabilities": {"drop_capabilities": ["ALL"], "add_capabilities": ["NET_ADMIN"]}}) == ["CAP_NET_ADMIN"]
+    assert "CAP_SYS_ADMIN" in spec_security.capabilities([], {"capabilities": {"add_capabilities": ["ALL"]}})
+    assert spec_security.capabilities(["CHOWN", "KILL"], {"capabilities": {"drop_capabilities": ["kill"]}}) == ["CAP_CHOWN"]
 
 
 def test_user_resolution(tmp_path: Path) -> None:
     rootfs = make_rootfs(tmp_path)
-    user = oci_spec.resolve_user(str(rootfs), {}, "app")
+    user = spec_users.resolve_user(str(rootfs), {}, "app")
     assert (user.uid, user.gid, user.additional_gids, user.home) == (1000, 1000, [1000, 2000], "/home/app")
-    assert oci_spec.resolve_user(str(rootfs), {"run_as_user": {"value": 1000}, "run_as_group": {"value": 7}}, "").gid == 7
-    assert oci_spec.resolve_user(str(rootfs), {"run_as_user": {}}, "app").uid == 0
-    assert oci_spec.resolve_user(str(rootfs), {}, "123:456").gid == 456
+    assert spec_users.resolve_user(str(rootfs), {"run_as_user": {"value": 1000}, "run_as_group": {"value": 7}}, "").gid == 7
+    assert spec_users.resolve_user(str(rootfs), {"run_as_user": {}}, "app").uid == 0
+    assert spec_users.resolve_user(str(rootfs), {}, "123:456").gid == 456
     with pytest.raises(InvalidArgument):
-        oci_spec.resolve_user(str(rootfs), {"run_as_username": "nobody-here"}, "")
+        spec_users.resolve_user(str(rootfs), {"run_as_username": "nobody-here"}, "")
 
 
 def test_hugepages_dropped_without_controller() -> None:
-    layout = oci_spec.CgroupLayout(unified=False, controllers={"memory", "cpu"})
-    resources = oci_spec.oci_resources({"memory_limit_in_bytes": 1 << 26, "hugepage_limits": [{"page_size": "2MB", "limit": 1 << 21}]}, layout)
+    layout = spec_resources.CgroupLayout(unified=False, controllers={"memory", "cpu"})
+    resources = spec_resources.oci_resources({"memory_limit_in_bytes": 1 << 26, "hugepage_limits": [{"page_size": "2MB", "limit": 1 << 21}]}, layout)
     assert "hugepageLimits" not in resources and resources["memory"]["limit"] == 1 << 26
 
 
 def test_oom_score_adj_clamped_to_own(env: Env) -> None:
     container_id = env.create("oomadj", command=["sleep", "1"], linux={"resources": {"oom_score_adj": -998}})
     spec = env.daemon._spec(env.daemon.store.get(container_id))
-    assert spec["process"]["oomScoreAdj"] == oci_spec.own_oom_score_adj()
+    assert spec["process"]["oomScoreAdj"] == spec_resources.own_oom_score_adj()
     env.call("remove", container_id=container_id)
 
 
@@ -360,14 +360,14 @@ def test_cgroup_v2_layout_stats_and_oom(tmp_path: Path) -> None:
     (container / "memory.current").write_text("10485760\n")
     (container / "memory.stat").write_text("anon 4194304\ninactive_file 2097152\npgfault 77\npgmajfault 3\n")
     (container / "memory.events").write_text("low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n")
-    layout = oci_spec.CgroupLayout.detect(tmp_path)
+    layout = spec_resources.CgroupLayout.detect(tmp_path)
     assert layout.unified and layout.has("hugetlb")
     usage = cgroup_stats.container_usage(layout, "/kubepods/pyrio-abc")
     assert usage["cpu"]["usage_core_nano_seconds"]["value"] == 1_500_000
     assert usage["memory"]["working_set_bytes"]["value"] == 10485760 - 2097152
     assert usage["memory"]["rss_bytes"]["value"] == 4194304 and usage["memory"]["major_page_faults"]["value"] == 3
     assert read_oom_kills(layout.oom_files("/kubepods/pyrio-abc")) == 1
-    resources = oci_spec.oci_resources({"memory_limit_in_bytes": 1 << 26, "hugepage_limits": [{"page_size": "2MB", "limit": 1 << 21}],
+    resources = spec_resources.oci_resources({"memory_limit_in_bytes": 1 << 26, "hugepage_limits": [{"page_size": "2MB", "limit": 1 << 21}],
                                         "unified": {"memory.high": "50000000"}}, layout)
     assert resources["hugepageLimits"] == [{"pageSize": "2MB", "limit": 1 << 21}]
     assert resources["unified"] == {"memory.high": "50000000"} and resources["memory"]["swap"] == 1 << 26
@@ -376,11 +376,11 @@ def test_cgroup_v2_layout_stats_and_oom(tmp_path: Path) -> None:
 def test_cgroup_v1_layout_rejects_unified_resources(tmp_path: Path) -> None:
     for controller in ("cpu", "cpuacct", "memory", "pids"):
         (tmp_path / controller).mkdir()
-    layout = oci_spec.CgroupLayout.detect(tmp_path)
+    layout = spec_resources.CgroupLayout.detect(tmp_path)
     assert not layout.unified and not layout.has("hugetlb") and not layout.swap_supported()
-    assert "swap" not in oci_spec.oci_resources({"memory_limit_in_bytes": 1 << 26}, layout)["memory"]
+    assert "swap" not in spec_resources.oci_resources({"memory_limit_in_bytes": 1 << 26}, layout)["memory"]
     with pytest.raises(InvalidArgument):
-        oci_spec.oci_resources({"unified": {"memory.high": "1"}}, layout)
+        spec_resources.oci_resources({"unified": {"memory.high": "1"}}, layout)
 
 
 def test_attach_pipes_stdin_once_and_streams(env: Env) -> None:

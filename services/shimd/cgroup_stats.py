@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.shimd.oci_spec import CgroupLayout
+from services.shimd.spec_resources import CgroupLayout
 
 
 def _read_int(path: Path) -> int | None:

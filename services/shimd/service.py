@@ -35,7 +35,7 @@ from common.errors import (
 from common.ids import new_id
 from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
-from services.shimd import cgroup_stats, oci_spec
+from services.shimd import cgroup_stats, oci_spec, spec_mounts, spec_resources
 from services.shimd.records import (
     CREATED,
     EXITED,
@@ -97,11 +97,26 @@ def cri_signal(number: int) -> int:
     return CRI_SIGNALS.index(name) if name in CRI_SIGNALS else 0
 
 
+def reported_image(record: dict[str, Any]) -> dict[str, Any]:
+    """The ImageSpec ContainerStatus and ListContainers report.
+
+    Its `image` is what the kubelet asked for (`user_specified_image`), or
+    the image's tag, never the `sha256:` id the kubelet resolved it to, as
+    containerd does: `kubectl get pod` shows it. `image_ref` and `image_id`
+    carry the digest and the id.
+    """
+    spec = dict(record["image"])
+    named = spec.get("user_specified_image") or record.get("image_name")
+    if named:
+        spec["image"] = named
+    return spec
+
+
 class ShimDaemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = ContainerStore(config)
-        self.layout = oci_spec.CgroupLayout.detect()
+        self.layout = spec_resources.CgroupLayout.detect()
         self.netd = client_for(config, "netd")
         self.imaged = client_for(config, "imaged")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shimd-bulk")
@@ -323,7 +338,7 @@ class ShimDaemon:
         )
         cgroups_path = spec["linux"]["cgroupsPath"]
         stop_signal = config.get("stop_signal") or image_config.get("StopSignal") or ""
-        termination = oci_spec.termination_message_source(config, container_dir)
+        termination = spec_mounts.termination_message_source(config, container_dir)
         record.update(
             cgroups_path=cgroups_path,
             stop_signal=signal_number(stop_signal),
@@ -545,7 +560,7 @@ class ShimDaemon:
             "started_at": record.get("started_at", 0),
             "finished_at": 0,
             "exit_code": 0,
-            "image": record["image"],
+            "image": reported_image(record),
             "image_ref": record.get("repo_digest") or record.get("image_ref", ""),
             "image_id": record.get("image_ref", ""),
             "reason": "",
@@ -601,7 +616,7 @@ class ShimDaemon:
                 "id": record["id"],
                 "pod_sandbox_id": record["sandbox_id"],
                 "metadata": record["metadata"],
-                "image": record["image"],
+                "image": reported_image(record),
                 "image_ref": record.get("repo_digest") or record.get("image_ref", ""),
                 "image_id": record.get("image_ref", ""),
                 "state": state,
@@ -702,7 +717,7 @@ class ShimDaemon:
             state, _ = self.store.state(record)
             if state not in (CREATED, RUNNING):
                 raise FailedPrecondition(f"container {record['id'][:12]} is {self._state_word(state)}: cannot update its resources")
-            resources = oci_spec.oci_resources(linux, self.layout)
+            resources = spec_resources.oci_resources(linux, self.layout)
             if resources:
                 self._runtime(record, "update", "--resources", "-", record["id"], stdin=json.dumps(resources).encode())
             merged = dict(record.get("resources") or {})
