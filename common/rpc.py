@@ -33,6 +33,7 @@ import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from common import state
 from common.errors import (
     DeadlineExceeded,
     Internal,
@@ -100,7 +101,7 @@ class RpcServer:
     def bind(self) -> None:
         if self.endpoint.startswith("ipc://"):
             socket_path = Path(self.endpoint[len("ipc://") :])
-            socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            state.private_dir(socket_path.parent)
         self._replies = self._context.socket(zmq.PULL)
         self._replies.bind(self._reply_endpoint)
         self._router = self._context.socket(zmq.ROUTER)
