@@ -79,11 +79,14 @@ class RuntimeSection:
     shm_size: int = 64 * 1024 * 1024
     # Seconds a shim waits for `runc create` before giving up.
     create_timeout: float = 60.0
-    # Pod sysctls allowed beyond Kubernetes' safe set, like the kubelet's
-    # --allowed-unsafe-sysctls: exact names or prefixes ending in "*"
-    # ("net.core.*"). Only namespaced ones can be allowed (net.*, kernel.shm*,
-    # kernel.msg*, kernel.sem, fs.mqueue.*); a node-wide knob never is.
-    allowed_unsafe_sysctls: list[str] = field(default_factory=list)
+    # An optional restriction of pod sysctls on top of the kubelet's (which
+    # is the policy point: its --allowed-unsafe-sysctls): the names, or
+    # prefixes ending in "*", allowed beyond Kubernetes' safe set. The default
+    # "*" restricts nothing: every namespaced sysctl the kubelet sends is
+    # applied (net.*, kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*), as
+    # containerd and CRI-O do; [] allows the safe set only. A node-wide
+    # sysctl is never applied.
+    allowed_unsafe_sysctls: list[str] = field(default_factory=lambda: ["*"])
     runtimes: dict[str, RuntimeHandler] = field(
         default_factory=lambda: {
             "runc": RuntimeHandler(path="/usr/sbin/runc"),

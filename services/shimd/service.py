@@ -98,6 +98,21 @@ def cri_signal(number: int) -> int:
     return CRI_SIGNALS.index(name) if name in CRI_SIGNALS else 0
 
 
+def reported_image(record: dict[str, Any]) -> dict[str, Any]:
+    """The ImageSpec ContainerStatus and ListContainers report.
+
+    Its `image` is what the kubelet asked for (`user_specified_image`), or
+    the image's tag, never the `sha256:` id the kubelet resolved it to, as
+    containerd does: `kubectl get pod` shows it. `image_ref` and `image_id`
+    carry the digest and the id.
+    """
+    spec = dict(record["image"])
+    named = spec.get("user_specified_image") or record.get("image_name")
+    if named:
+        spec["image"] = named
+    return spec
+
+
 class ShimDaemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -557,7 +572,7 @@ class ShimDaemon:
             "started_at": record.get("started_at", 0),
             "finished_at": 0,
             "exit_code": 0,
-            "image": record["image"],
+            "image": reported_image(record),
             "image_ref": record.get("repo_digest") or record.get("image_ref", ""),
             "image_id": record.get("image_ref", ""),
             "reason": "",
@@ -613,7 +628,7 @@ class ShimDaemon:
                 "id": record["id"],
                 "pod_sandbox_id": record["sandbox_id"],
                 "metadata": record["metadata"],
-                "image": record["image"],
+                "image": reported_image(record),
                 "image_ref": record.get("repo_digest") or record.get("image_ref", ""),
                 "image_id": record.get("image_ref", ""),
                 "state": state,
