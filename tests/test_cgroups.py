@@ -20,6 +20,7 @@ from common.cgroups.hierarchy import CGROUP2_SUPER_MAGIC, HYBRID, TMPFS_MAGIC, V
 from common.cgroups.resources import cpu_weight, file_values, oci_resources
 from common.config import ConfigError, load_config
 from common.errors import FailedPrecondition, InvalidArgument
+from tests.fixtures_containers import Containers
 
 HOST = detect()
 needs_v2 = pytest.mark.skipif(not HOST.unified, reason=f"needs a pure cgroup v2 host; this one is {HOST.mode}")
@@ -294,3 +295,31 @@ def test_real_systemd_scope_for_a_process_in_a_slice_with_resources() -> None:
         systemd_dbus.stop_unit(parent)
     assert not (HOST.root / parent).exists() or not HOST.unified
     systemd_dbus.stop_unit("pyrio-never-started-unit.scope")  # a unit systemd does not know is stopped
+
+
+# --- a stack's containers and shims in their cgroups ---------------------------------------------
+
+
+def process_cgroups(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
+def test_container_cgroup_is_named_after_the_driver(containers: Containers) -> None:
+    stack = containers.stack
+    container_id = containers.run(command=["sleep", "300"])
+    info = containers.info(container_id)
+    manager = CgroupManager(HOST, stack.cgroup_manager)
+    if stack.cgroup_manager == SYSTEMD:
+        assert info["cgroups_path"] == f"{stack.cgroup_parent}:pyrio:{container_id}"
+        scope = f"{systemd.expand_slice(stack.cgroup_parent)}/pyrio-{container_id}.scope"
+        assert manager.cgroup_of(info["cgroups_path"]) == scope
+        assert scope in process_cgroups(info["pid"])
+        # The shim left shimd's cgroup (the pyrio service's) for a scope of its own in the pod's slice.
+        shim_scope = f"{systemd.expand_slice(stack.cgroup_parent)}/pyrio-shim-{container_id}.scope"
+        assert shim_scope in process_cgroups(info["shim_pid"])
+        assert process_cgroups(info["shim_pid"]) != process_cgroups(stack.service_pid("shimd"))
+    else:
+        assert info["cgroups_path"] == f"{stack.cgroup_parent}/pyrio-{container_id}"
+        assert f"{stack.cgroup_parent}/pyrio-{container_id}" in process_cgroups(info["pid"])
+    assert manager.process_count(info["cgroups_path"]) == 1
+    containers.stop(container_id)
