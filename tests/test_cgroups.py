@@ -200,8 +200,13 @@ def test_container_cgroups_paths_of_each_driver(tmp_path: Path) -> None:
     assert path == "kubepods-besteffort-pod1.slice:pyrio:abc"
     assert with_systemd.cgroup_of(path) == "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/pyrio-abc.scope"
     assert with_systemd.oom_files(path) == [str(tmp_path / with_systemd.cgroup_of(path).lstrip("/") / "memory.events")]
-    with pytest.raises(InvalidArgument, match="not a systemd slice name"):
-        with_systemd.container_cgroups_path("/kubepods/pod1", "abc")
+    # A cgroupfs-style parent is converted, as CRI allows and as the kubelet converts its own.
+    assert with_systemd.container_cgroups_path("/kubepods/burstable/pod-1", "abc") == "kubepods-burstable-pod_1.slice:pyrio:abc"
+    assert with_systemd.parent_cgroup("/kubepods/besteffort") == "/kubepods.slice/kubepods-besteffort.slice"
+    with pytest.raises(InvalidArgument, match="neither a systemd slice name"):
+        with_systemd.container_cgroups_path("kubepods", "abc")
+    with pytest.raises(InvalidArgument, match="not a valid slice name"):
+        with_systemd.container_cgroups_path("kubepods--x.slice", "abc")
     with_cgroupfs = CgroupManager(hierarchy, CGROUPFS)
     assert with_cgroupfs.container_cgroups_path("/kubepods/pod1/", "abc") == "/kubepods/pod1/pyrio-abc"
     with pytest.raises(InvalidArgument, match="needs runtime.cgroup_manager"):

@@ -53,20 +53,26 @@ class CgroupManager:
 
     # --- names ----------------------------------------------------------------
 
-    def validate_parent(self, parent: str) -> None:
-        """InvalidArgument when `parent` is no cgroup parent this driver takes."""
+    def pod_parent(self, parent: str) -> str:
+        """A pod's cgroup parent in this driver's form (InvalidArgument when it has none): with systemd a
+        slice name (a cgroupfs-style path is converted, as CRI allows), with cgroupfs an absolute path."""
         if self.systemd:
-            systemd.expand_slice(parent)
-        elif not parent.startswith("/") or any(part in (".", "..") for part in parent.split("/")):
+            return systemd.slice_of(parent)
+        if not parent.startswith("/") or any(part in (".", "..") for part in parent.split("/")):
             raise InvalidArgument(
                 f"cgroup parent {parent!r} must be an absolute cgroup path like /kubepods/burstable/pod<uid> "
                 "with the cgroupfs driver" + (" (a .slice name needs runtime.cgroup_manager = \"systemd\")"
                                               if parent.endswith(".slice") else "")
             )
+        return "/" + parent.strip("/")
+
+    def validate_parent(self, parent: str) -> None:
+        """InvalidArgument when `parent` is no cgroup parent this driver takes."""
+        self.pod_parent(parent)
 
     def container_cgroups_path(self, parent: str, container_id: str) -> str:
         """linux.cgroupsPath of a container: runc/crun make the cgroup (or the scope) from it."""
-        self.validate_parent(parent)
+        parent = self.pod_parent(parent)
         if self.systemd:
             return systemd.runc_cgroups_path(parent, CONTAINER_PREFIX, container_id)
         return f"{parent.rstrip('/')}/{CONTAINER_PREFIX}-{container_id}"
@@ -79,9 +85,8 @@ class CgroupManager:
 
     def parent_cgroup(self, parent: str) -> str:
         """Where a pod's cgroup parent is in the hierarchy."""
-        if self.systemd:
-            return systemd.expand_slice(parent)
-        return "/" + parent.strip("/")
+        parent = self.pod_parent(parent)
+        return systemd.expand_slice(parent) if self.systemd else parent
 
     def directories(self, cgroup: str) -> dict[str, Path]:
         """controller (or "unified") -> the cgroup's directory."""
@@ -95,7 +100,7 @@ class CgroupManager:
 
     def set(self, parent: str, resources: dict[str, Any]) -> None:
         """Give a pod's cgroup CRI resources (the pod's own limits: UpdatePodSandboxResources)."""
-        self.validate_parent(parent)
+        parent = self.pod_parent(parent)
         files = file_values(resources, self.hierarchy)
         if self.systemd:
             properties = systemd.unit_properties(resources, self.hierarchy)
@@ -116,7 +121,7 @@ class CgroupManager:
     def apply(self, pid: int, parent: str, name: str, description: str = "") -> str:
         """Put process `pid` in a cgroup of its own named `name` under `parent` (a scope `name`.scope with
         systemd, started over D-Bus). Returns the cgroup."""
-        self.validate_parent(parent)
+        parent = self.pod_parent(parent)
         if self.systemd:
             unit = f"{name}.scope"
             systemd_dbus.start_transient_unit(unit, [
