@@ -51,9 +51,13 @@ class RuntimeHandler:
 @dataclass
 class RuntimeSection:
     default_runtime: str = "runc"
+    # "cgroupfs" (pyrio and the runtime write the cgroup tree) or "systemd"
+    # (containers and shims in transient scopes, pod parents are slices; needs
+    # systemd as PID 1, as the kubelet's cgroupDriver: systemd does).
     cgroup_manager: str = "cgroupfs"
-    # Parent cgroup of pods whose config names none.
-    cgroup_parent: str = "/pyrio"
+    # Parent cgroup of pods whose config names none; empty means "/pyrio" with
+    # cgroupfs and "pyrio.slice" with systemd.
+    cgroup_parent: str = ""
     # Clamp a requested oom_score_adj to the runtime's own, as containerd's
     # restrict_oom_score_adj does: without CAP_SYS_RESOURCE a lower value
     # makes runc fail.
@@ -176,6 +180,8 @@ class Config:
             self.pyrio.socket = str(run_dir / "pyrio.sock")
         if not self.image.store_dir:
             self.image.store_dir = str(self.service_state_dir("imaged"))
+        if not self.runtime.cgroup_parent:
+            self.runtime.cgroup_parent = "pyrio.slice" if self.runtime.cgroup_manager == "systemd" else "/pyrio"
         for name, handler in self.runtime.runtimes.items():
             if not handler.root:
                 handler.root = str(run_dir / "runtimes" / name)
@@ -241,8 +247,15 @@ def _validate(config: Config, source: str) -> None:
         int(config.pyrio.socket_mode, 8)
     except ValueError:
         raise ConfigError(f"{source}: pyrio.socket_mode must be an octal mode like \"0660\"") from None
-    if config.runtime.cgroup_manager != "cgroupfs":
-        raise ConfigError(f"{source}: runtime.cgroup_manager must be \"cgroupfs\" (the only driver pyrio has)")
+    if config.runtime.cgroup_manager not in ("cgroupfs", "systemd"):
+        raise ConfigError(f"{source}: runtime.cgroup_manager must be \"cgroupfs\" or \"systemd\"")
+    parent = config.runtime.cgroup_parent
+    if parent and config.runtime.cgroup_manager == "systemd" and not parent.endswith(".slice"):
+        raise ConfigError(f"{source}: runtime.cgroup_parent {parent!r} must be a systemd slice name (like pyrio.slice) "
+                          "with runtime.cgroup_manager = \"systemd\"")
+    if parent and config.runtime.cgroup_manager == "cgroupfs" and not parent.startswith("/"):
+        raise ConfigError(f"{source}: runtime.cgroup_parent {parent!r} must be an absolute cgroup path (like /pyrio) "
+                          "with runtime.cgroup_manager = \"cgroupfs\"")
     if config.runtime.default_runtime not in config.runtime.runtimes:
         raise ConfigError(
             f"{source}: runtime.default_runtime {config.runtime.default_runtime!r} "
