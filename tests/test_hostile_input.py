@@ -74,3 +74,79 @@ def test_echoed_value_is_cut_in_grpc_message(stack: Stack, pods: Pods) -> None:
     error = rpc_error(pods.run, pod_config(sysctls={"vm." + "x" * HUGE: "1"}))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
     assert "chars)" in error.details() and len(error.details()) < 4500
+
+
+# --- pod files (issue 15 item 12) --------------------------------------------------
+
+
+def node_traces(stack: Stack) -> tuple[set[str], set[str], set[str]]:
+    """What a RunPodSandbox leaves: records, pod file directories, pinned namespaces."""
+    netd = stack.state_dir / "netd"
+    listed = {pod.id for pod in stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items}
+    pod_dirs = {path.name for path in (netd / "pods").glob("*")} if (netd / "pods").exists() else set()
+    pins = {str(path) for path in (stack.run_dir / "netns").glob("*")} if (stack.run_dir / "netns").exists() else set()
+    return listed, pod_dirs, pins
+
+
+def test_pod_file_validators() -> None:
+    from common.errors import InvalidArgument
+    from services.netd import pod_files
+
+    for good in ("web-1", "a", "Node1.example.com", "x" * 63):
+        pod_files.validate_hostname(good)
+    for bad in ("web\n10.9.9.9 kubernetes.default.svc", "a b", "-web", "web-", "a..b", "x" * 64 + ".y", "w\0"):
+        with pytest.raises(InvalidArgument):
+            pod_files.validate_hostname(bad)
+    pod_files.validate_dns_config({"servers": ["10.96.0.10", "fd00::10", "fe80::1%eth0"], "options": ["ndots:5"]})
+    for bad in ({"servers": ["dns.example"]}, {"servers": ["10.0.0.1\nnameserver 6.6.6.6"]},
+                {"options": ["ndots:5\0"]}, {"searches": ["svc\x1b.local"]}, {"searches": [""]}):
+        with pytest.raises(InvalidArgument):
+            pod_files.validate_dns_config(bad)
+
+
+def test_hostname_with_newline_refused_and_nothing_created(stack: Stack, pods: Pods) -> None:
+    before = node_traces(stack)
+    error = rpc_error(pods.run, pod_config(hostname="web\n10.9.9.9 kubernetes.default.svc"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "RFC 1123" in error.details()
+    assert node_traces(stack) == before
+
+
+@pytest.mark.parametrize("dns, needle", [
+    ({"servers": ["not-an-ip"]}, "not an IP address"),
+    ({"servers": ["10.96.0.10"], "options": ["ndots:5\0evil"]}, "control character"),
+    ({"servers": ["10.96.0.10"], "searches": ["svc.local\nnameserver 6.6.6.6"]}, "whitespace"),
+])
+def test_bad_dns_config_refused(stack: Stack, pods: Pods, dns: dict, needle: str) -> None:
+    before = node_traces(stack)
+    error = rpc_error(pods.run, pod_config(dns=dns))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in error.details()
+    assert node_traces(stack) == before
+
+
+def test_port_mapping_host_ip_must_be_an_ip(stack: Stack, pods: Pods) -> None:
+    config = pod_config()
+    config.port_mappings.append(api_pb2.PortMapping(protocol=api_pb2.TCP, container_port=80, host_port=0, host_ip="localhost"))
+    before = node_traces(stack)
+    error = rpc_error(pods.run, config)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "host_ip 'localhost' is not an IP address" in error.details()
+    assert node_traces(stack) == before
+
+
+def test_relative_log_directory_refused(stack: Stack, pods: Pods) -> None:
+    netd_cwd = Path(os.readlink(f"/proc/{stack.service_pid('netd')}/cwd"))
+    before = node_traces(stack)
+    error = rpc_error(pods.run, pod_config(log_directory="relative-pod-logs"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must be an absolute path" in error.details()
+    assert node_traces(stack) == before
+    assert not (netd_cwd / "relative-pod-logs").exists()
+
+
+def test_valid_pod_files_still_written(stack: Stack, pods: Pods) -> None:
+    sandbox_id = pods.run(pod_config(hostname="web-2", dns={"servers": ["fd00::10"], "options": ["ndots:2"]}))
+    info = sandbox_info(stack, sandbox_id)
+    assert Path(info["files"]["hosts"]).read_text().count("\n") == 3
+    assert Path(info["files"]["resolv_conf"]).read_text() == "nameserver fd00::10\noptions ndots:2\n"

@@ -35,7 +35,8 @@ from common.errors import (
 from common.ids import new_id
 from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
-from services.shimd import cgroup_stats, oci_spec, spec_mounts, spec_resources
+from common.cgroups import manager_for
+from services.shimd import network_stats, oci_spec, spec_mounts, spec_resources
 from services.shimd.records import (
     CREATED,
     EXITED,
@@ -116,7 +117,7 @@ class ShimDaemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = ContainerStore(config)
-        self.layout = spec_resources.CgroupLayout.detect()
+        self.cgroups = manager_for(config.runtime.cgroup_manager)
         self.netd = client_for(config, "netd")
         self.imaged = client_for(config, "imaged")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shimd-bulk")
@@ -209,7 +210,7 @@ class ShimDaemon:
 
     def _runtime(self, record: dict[str, Any], *args: str, timeout: float = 30.0, check: bool = True,
                  stdin: bytes | None = None) -> subprocess.CompletedProcess:
-        command = [record["runtime_path"], "--root", record["runtime_root"], *args]
+        command = [record["runtime_path"], "--root", record["runtime_root"], *record.get("runtime_flags", ()), *args]
         try:
             result = subprocess.run(command, input=stdin, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -270,6 +271,8 @@ class ShimDaemon:
             "runtime_handler": handler_name or self.config.runtime.default_runtime,
             "runtime_path": handler.path,
             "runtime_root": handler.root,
+            # runc and crun make the container's scope themselves (over D-Bus) with this flag.
+            "runtime_flags": ["--systemd-cgroup"] if self.cgroups.systemd else [],
             "tty": bool(config.get("tty")),
             "stdin": bool(config.get("stdin")),
             "stdin_once": bool(config.get("stdin_once")),
@@ -334,7 +337,7 @@ class ShimDaemon:
                 container_dir=container_dir,
                 image_name=prepared.get("image_name", ""),
             ),
-            self.layout,
+            self.cgroups,
         )
         cgroups_path = spec["linux"]["cgroupsPath"]
         stop_signal = config.get("stop_signal") or image_config.get("StopSignal") or ""
@@ -359,6 +362,7 @@ class ShimDaemon:
             "container_id": container_id,
             "runtime_path": record["runtime_path"],
             "runtime_root": record["runtime_root"],
+            "runtime_flags": record.get("runtime_flags", []),
             "bundle": str(bundle),
             "pid_file": str(container_dir / "init.pid"),
             "runtime_log": str(container_dir / "runtime.log"),
@@ -371,7 +375,7 @@ class ShimDaemon:
             "stdin": record["stdin"],
             "stdin_once": record["stdin_once"],
             "create_timeout": self.config.runtime.create_timeout,
-            "oom_files": self.layout.oom_files(cgroups_path),
+            "oom_files": self.cgroups.oom_files(cgroups_path),
         }
         started = spawn_shim(shim_spec, self.config.runtime.create_timeout + 5.0)
         record.update(
@@ -379,8 +383,16 @@ class ShimDaemon:
             shim_start_time=process_start_time(started["shim_pid"]),
             pid=started["pid"],
             pid_start_time=process_start_time(started["pid"]),
-            phase=PHASE_CREATED,
         )
+        if self.cgroups.systemd:
+            # Out of shimd's cgroup (the pyrio service's, which a stop of the
+            # service kills) into a scope of its own in the pod's slice, as CRI-O
+            # does with crio-conmon-<id>.scope.
+            record["shim_cgroup"] = self.cgroups.apply(
+                started["shim_pid"], spec_resources.pod_cgroup_parent(self.config, sandbox),
+                f"pyrio-shim-{container_id}", f"pyrio shim of container {container_id}",
+            )
+        record["phase"] = PHASE_CREATED
         self.store.save(record)
 
     def _destroy(self, record: dict[str, Any]) -> None:
@@ -717,7 +729,7 @@ class ShimDaemon:
             state, _ = self.store.state(record)
             if state not in (CREATED, RUNNING):
                 raise FailedPrecondition(f"container {record['id'][:12]} is {self._state_word(state)}: cannot update its resources")
-            resources = spec_resources.oci_resources(linux, self.layout)
+            resources = self.cgroups.oci_resources(linux)
             if resources:
                 self._runtime(record, "update", "--resources", "-", record["id"], stdin=json.dumps(resources).encode())
             merged = dict(record.get("resources") or {})
@@ -736,14 +748,14 @@ class ShimDaemon:
                 "annotations": record["annotations"],
             },
         }
-        stats.update(cgroup_stats.container_usage(self.layout, record.get("cgroups_path", "")))
+        stats.update(self.cgroups.stats(record.get("cgroups_path", "")))
         now = time.time_ns()
         # Pod-level figures crigw's PodSandboxStats takes (not ContainerStats fields).
         if self.store.init_alive(record):
-            network = cgroup_stats.network_usage(int(record["pid"]))
+            network = network_stats.network_usage(int(record["pid"]))
             if network is not None:
                 stats["pod_network"] = network
-        count = cgroup_stats.process_count(self.layout, record.get("cgroups_path", ""))
+        count = self.cgroups.process_count(record.get("cgroups_path", ""))
         if count is not None:
             stats["process_count"] = count
         try:
