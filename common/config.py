@@ -137,6 +137,12 @@ class StreamingSection:
     # Seconds a stream may stay idle before it is closed.
     stream_idle_timeout: float = 4 * 3600.0
     max_concurrent_streams: int = 64
+    # Seconds a new connection has to send its whole request head (TLS
+    # handshake included) before it is closed, and how many connections may
+    # wait for theirs at once (past that the longest-waiting one is closed):
+    # slow clients cost no thread and cannot crowd out real ones.
+    request_head_timeout: float = 10.0
+    max_pending_connections: int = 128
 
 
 @dataclass
@@ -264,11 +270,12 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: image.pull_progress_timeout must be positive")
     if not 0 <= config.streaming.port <= 65535:
         raise ConfigError(f"{source}: streaming.port must be between 0 and 65535")
-    for name in ("token_ttl", "stream_idle_timeout"):
+    for name in ("token_ttl", "stream_idle_timeout", "request_head_timeout"):
         if getattr(config.streaming, name) <= 0:
             raise ConfigError(f"{source}: streaming.{name} must be positive")
-    if config.streaming.max_concurrent_streams < 1:
-        raise ConfigError(f"{source}: streaming.max_concurrent_streams must be at least 1")
+    for name in ("max_concurrent_streams", "max_pending_connections"):
+        if getattr(config.streaming, name) < 1:
+            raise ConfigError(f"{source}: streaming.{name} must be at least 1")
     if bool(config.streaming.tls_cert_file) != bool(config.streaming.tls_key_file):
         raise ConfigError(f"{source}: streaming.tls_cert_file and streaming.tls_key_file go together")
     if config.runtime.shm_size < 0:
