@@ -21,6 +21,7 @@ from common.cgroups.resources import cpu_weight, file_values, oci_resources
 from common.config import ConfigError, load_config
 from common.errors import FailedPrecondition, InvalidArgument
 from tests.fixtures_containers import Containers
+from tests.harness import Stack, wait_until
 
 HOST = detect()
 needs_v2 = pytest.mark.skipif(not HOST.unified, reason=f"needs a pure cgroup v2 host; this one is {HOST.mode}")
@@ -328,3 +329,15 @@ def test_container_cgroup_is_named_after_the_driver(containers: Containers) -> N
         assert f"{stack.cgroup_parent}/pyrio-{container_id}" in process_cgroups(info["pid"])
     assert manager.process_count(info["cgroups_path"]) == 1
     containers.stop(container_id)
+
+
+def test_shimd_refuses_the_systemd_driver_without_systemd() -> None:
+    if systemd_dbus.systemd_booted():
+        pytest.skip("systemd is PID 1 here: the systemd driver is available")
+    stack = Stack({"runtime": {"cgroup_manager": "systemd", "cgroup_parent": "pyrio_refused.slice"}})
+    try:
+        stack.start(wait=False)
+        wait_until(lambda: "refusing to start" in stack.logs("shimd"), 30, what="shimd's refusal")
+        assert "systemd is not PID 1" in stack.logs("shimd")
+    finally:
+        stack.stop()
