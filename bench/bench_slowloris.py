@@ -10,20 +10,15 @@ the attack. On a private stack with a private test registry.
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from cri_api.v1 import api_pb2
 
 from bench.bench_containers import start_sleeping_pod
+from bench.stacks import busybox_stack
 from bench.timing import p95
-from tests.fixtures_images import start_registry
-from tests.harness import Stack
-from tests.oci_images import push_busybox
 from tests.slowloris import ProcessUsage, Slowloris, process_usage
 from tests.streaming_client import spdy_exec
 
@@ -46,15 +41,8 @@ def _figures(prefix: str, usage: ProcessUsage) -> dict[str, float | str]:
 
 
 def run() -> dict[str, float | str]:
-    workdir = Path(tempfile.mkdtemp(prefix="pyrio-bench-registry-"))
-    registry = start_registry(workdir, workdir / "storage", "bench")
-    stack = Stack()
-    try:
-        image = push_busybox(registry, "bench/busybox", "latest").reference
-        stack.start()
+    with busybox_stack() as (stack, image):
         runtime = stack.runtime
-        runtime_images = stack.images
-        runtime_images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
         _, container_id = start_sleeping_pod(runtime, image, str(stack.root / "pod-logs"))
         crigw = stack.service_pid("crigw")
         assert spdy_exec(_exec_url(runtime, container_id, ["true"])).exit_code == 0  # warm up
@@ -102,7 +90,3 @@ def run() -> dict[str, float | str]:
             figures["real_exec_roundtrip_ms_p50_during_attack"] = round(statistics.median(exec_ms), 1)
             figures["real_exec_roundtrip_ms_p95_during_attack"] = round(p95(exec_ms), 1)
         return figures
-    finally:
-        stack.stop()
-        registry.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
