@@ -51,9 +51,13 @@ class RuntimeHandler:
 @dataclass
 class RuntimeSection:
     default_runtime: str = "runc"
+    # "cgroupfs" (pyrio and the runtime write the cgroup tree) or "systemd"
+    # (containers and shims in transient scopes, pod parents are slices; needs
+    # systemd as PID 1, as the kubelet's cgroupDriver: systemd does).
     cgroup_manager: str = "cgroupfs"
-    # Parent cgroup of pods whose config names none.
-    cgroup_parent: str = "/pyrio"
+    # Parent cgroup of pods whose config names none; empty means "/pyrio" with
+    # cgroupfs and "pyrio.slice" with systemd.
+    cgroup_parent: str = ""
     # Clamp a requested oom_score_adj to the runtime's own, as containerd's
     # restrict_oom_score_adj does: without CAP_SYS_RESOURCE a lower value
     # makes runc fail.
@@ -75,11 +79,14 @@ class RuntimeSection:
     shm_size: int = 64 * 1024 * 1024
     # Seconds a shim waits for `runc create` before giving up.
     create_timeout: float = 60.0
-    # Pod sysctls allowed beyond Kubernetes' safe set, like the kubelet's
-    # --allowed-unsafe-sysctls: exact names or prefixes ending in "*"
-    # ("net.core.*"). Only namespaced ones can be allowed (net.*, kernel.shm*,
-    # kernel.msg*, kernel.sem, fs.mqueue.*); a node-wide knob never is.
-    allowed_unsafe_sysctls: list[str] = field(default_factory=list)
+    # An optional restriction of pod sysctls on top of the kubelet's (which
+    # is the policy point: its --allowed-unsafe-sysctls): the names, or
+    # prefixes ending in "*", allowed beyond Kubernetes' safe set. The default
+    # "*" restricts nothing: every namespaced sysctl the kubelet sends is
+    # applied (net.*, kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*), as
+    # containerd and CRI-O do; [] allows the safe set only. A node-wide
+    # sysctl is never applied.
+    allowed_unsafe_sysctls: list[str] = field(default_factory=lambda: ["*"])
     runtimes: dict[str, RuntimeHandler] = field(
         default_factory=lambda: {
             "runc": RuntimeHandler(path="/usr/sbin/runc"),
@@ -167,6 +174,8 @@ class Config:
             self.pyrio.socket = str(run_dir / "pyrio.sock")
         if not self.image.store_dir:
             self.image.store_dir = str(self.service_state_dir("imaged"))
+        if not self.runtime.cgroup_parent:
+            self.runtime.cgroup_parent = "pyrio.slice" if self.runtime.cgroup_manager == "systemd" else "/pyrio"
         for name, handler in self.runtime.runtimes.items():
             if not handler.root:
                 handler.root = str(run_dir / "runtimes" / name)
@@ -232,8 +241,15 @@ def _validate(config: Config, source: str) -> None:
         int(config.pyrio.socket_mode, 8)
     except ValueError:
         raise ConfigError(f"{source}: pyrio.socket_mode must be an octal mode like \"0660\"") from None
-    if config.runtime.cgroup_manager != "cgroupfs":
-        raise ConfigError(f"{source}: runtime.cgroup_manager must be \"cgroupfs\" (the only driver pyrio has)")
+    if config.runtime.cgroup_manager not in ("cgroupfs", "systemd"):
+        raise ConfigError(f"{source}: runtime.cgroup_manager must be \"cgroupfs\" or \"systemd\"")
+    parent = config.runtime.cgroup_parent
+    if parent and config.runtime.cgroup_manager == "systemd" and not parent.endswith(".slice"):
+        raise ConfigError(f"{source}: runtime.cgroup_parent {parent!r} must be a systemd slice name (like pyrio.slice) "
+                          "with runtime.cgroup_manager = \"systemd\"")
+    if parent and config.runtime.cgroup_manager == "cgroupfs" and not parent.startswith("/"):
+        raise ConfigError(f"{source}: runtime.cgroup_parent {parent!r} must be an absolute cgroup path (like /pyrio) "
+                          "with runtime.cgroup_manager = \"cgroupfs\"")
     if config.runtime.default_runtime not in config.runtime.runtimes:
         raise ConfigError(
             f"{source}: runtime.default_runtime {config.runtime.default_runtime!r} "

@@ -198,7 +198,7 @@ class Puller:
             if self.store.has_layer(diff_id):
                 return
             blob_path = self.store.temp_path("blob")
-            staging = self.store.temp_path("layer")
+            staging = None
             try:
                 with self._download_slots:
                     if cancel.is_set():
@@ -206,7 +206,7 @@ class Puller:
                     with open(blob_path, "wb") as output:
                         declared_size = int(descriptor["size"]) if "size" in descriptor else None
                         client.download_blob(digest, output, declared_size, cancel.is_set)
-                (staging / "diff").mkdir(parents=True)
+                staging = self.store.make_layer_staging()
                 actual_diff_id, tar_size = unpack_layer(str(blob_path), str(staging / "diff"), digest)
                 if actual_diff_id != diff_id:
                     raise FailedPrecondition(
@@ -219,7 +219,8 @@ class Puller:
                 )
             finally:
                 blob_path.unlink(missing_ok=True)
-                shutil.rmtree(staging, ignore_errors=True)
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
 
     # --- record -------------------------------------------------------------------
 

@@ -9,10 +9,10 @@ paths netd pinned.
 
 This is the one place where a CRI config becomes an OCI spec (build_spec);
 each concern lives in its own module: spec_users (the process user),
-spec_security (capabilities, AppArmor, masked paths), spec_seccomp
-(the seccomp profile), spec_mounts
-(mounts, devices, termination log) and spec_resources (cgroup layout,
-linux.resources, cgroups path).
+spec_security (capabilities, AppArmor, masked paths), spec_seccomp (the
+seccomp profile), spec_mounts (mounts, devices, termination log) and
+spec_resources (cgroups path; the resources come from the host's
+common.cgroups manager).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.cgroups import CgroupManager, manager_for
 from common.config import Config
 from common.errors import InvalidArgument
 from services.shimd.spec_mounts import (
     DEFAULT_DEVICE_RULES, cri_mounts, device_entries, host_devices, make_image_volumes, standard_mounts,
     termination_log_path, termination_message_path,
 )
-from services.shimd.spec_resources import CgroupLayout, cgroups_path, oci_resources, own_oom_score_adj
+from services.shimd.spec_resources import cgroups_path, own_oom_score_adj
 from services.shimd.spec_security import (
     DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, apparmor_profile, capabilities,
 )
@@ -120,8 +121,8 @@ def _namespaces(sandbox: dict[str, Any], security: dict[str, Any]) -> list[dict[
     return namespaces
 
 
-def build_spec(config: Config, inputs: SpecInputs, layout: CgroupLayout | None = None) -> dict[str, Any]:
-    layout = layout or CgroupLayout.detect()
+def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None = None) -> dict[str, Any]:
+    cgroups = cgroups or manager_for(config.runtime.cgroup_manager)
     cri = inputs.config
     sandbox = inputs.sandbox
     linux = cri.get("linux") or {}
@@ -188,8 +189,8 @@ def build_spec(config: Config, inputs: SpecInputs, layout: CgroupLayout | None =
     devices, device_rules = device_entries(cri)
     oci_linux: dict[str, Any] = {
         "namespaces": _namespaces(sandbox, security),
-        "cgroupsPath": cgroups_path(config, sandbox, inputs.container_id),
-        "resources": {**oci_resources(resources, layout)},
+        "cgroupsPath": cgroups_path(config, cgroups, sandbox, inputs.container_id),
+        "resources": cgroups.oci_resources(resources),
     }
     if privileged:
         oci_linux["resources"]["devices"] = [{"allow": True, "access": "rwm"}]

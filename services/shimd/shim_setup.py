@@ -63,7 +63,9 @@ def create(spec: dict[str, Any], handed: dict[str, int]) -> int:
     if spec.get("log_path"):
         handed["log"] = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     runtime_log = spec["runtime_log"]
-    args = [spec["runtime_path"], "--root", spec["runtime_root"], f"--log={runtime_log}", "--log-format=json",
+    # runtime_flags: --systemd-cgroup with the systemd cgroup driver.
+    args = [spec["runtime_path"], "--root", spec["runtime_root"], *spec.get("runtime_flags", ()),
+            f"--log={runtime_log}", "--log-format=json",
             "create", "--bundle", spec["bundle"], "--pid-file", spec["pid_file"]]
     null = handed["null"]
     console: _socket.socket | None = None
