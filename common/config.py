@@ -112,6 +112,13 @@ class ImageSection:
     # A download that makes no progress for this many seconds fails.
     pull_progress_timeout: float = 60.0
     registries: dict[str, RegistryConfig] = field(default_factory=dict)
+    # Most bytes one layer may expand to (its uncompressed tar, sparse files
+    # by their apparent size) and its blob may declare: a bigger layer, a
+    # decompression bomb, is refused.
+    max_layer_size: int = 16 << 30
+    # Bytes kept free on the store's filesystem: a pull that would go below
+    # is refused (RESOURCE_EXHAUSTED), so the kubelet's eviction still works.
+    free_space_reserve: int = 1 << 30
     # Images reported pinned to the kubelet (never garbage collected), as
     # CRI-O's pinned_images: exact references, or a prefix ending in "*".
     pinned_images: list[str] = field(default_factory=list)
@@ -266,6 +273,10 @@ def _validate(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: pyrio.{name} must be positive")
     if config.image.max_concurrent_downloads < 1:
         raise ConfigError(f"{source}: image.max_concurrent_downloads must be at least 1")
+    if config.image.max_layer_size < 1:
+        raise ConfigError(f"{source}: image.max_layer_size must be at least 1")
+    if config.image.free_space_reserve < 0:
+        raise ConfigError(f"{source}: image.free_space_reserve must not be negative")
     if config.image.pull_progress_timeout <= 0:
         raise ConfigError(f"{source}: image.pull_progress_timeout must be positive")
     if not 0 <= config.streaming.port <= 65535:
