@@ -36,7 +36,7 @@ def systemd_booted() -> bool:
 def _call(method: str, signature: str, body: tuple, wait_job: bool = False) -> Any:
     try:
         connection = open_dbus_connection(bus="SYSTEM")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         raise FailedPrecondition(
             f"cannot reach systemd over D-Bus (system bus {SYSTEM_BUS_SOCKET}): {exc}; "
             "the systemd cgroup driver needs systemd as PID 1 and a running dbus"
