@@ -112,6 +112,13 @@ class ImageSection:
     # A download that makes no progress for this many seconds fails.
     pull_progress_timeout: float = 60.0
     registries: dict[str, RegistryConfig] = field(default_factory=dict)
+    # Most bytes one layer may expand to (its uncompressed tar, sparse files
+    # by their apparent size) and its blob may declare: a bigger layer, a
+    # decompression bomb, is refused.
+    max_layer_size: int = 16 << 30
+    # Bytes kept free on the store's filesystem: a pull that would go below
+    # is refused (RESOURCE_EXHAUSTED), so the kubelet's eviction still works.
+    free_space_reserve: int = 1 << 30
     # Images reported pinned to the kubelet (never garbage collected), as
     # CRI-O's pinned_images: exact references, or a prefix ending in "*".
     pinned_images: list[str] = field(default_factory=list)
@@ -137,6 +144,12 @@ class StreamingSection:
     # Seconds a stream may stay idle before it is closed.
     stream_idle_timeout: float = 4 * 3600.0
     max_concurrent_streams: int = 64
+    # Seconds a new connection has to send its whole request head (TLS
+    # handshake included) before it is closed, and how many connections may
+    # wait for theirs at once (past that the longest-waiting one is closed):
+    # slow clients cost no thread and cannot crowd out real ones.
+    request_head_timeout: float = 10.0
+    max_pending_connections: int = 128
 
 
 @dataclass
@@ -260,15 +273,20 @@ def _validate(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: pyrio.{name} must be positive")
     if config.image.max_concurrent_downloads < 1:
         raise ConfigError(f"{source}: image.max_concurrent_downloads must be at least 1")
+    if config.image.max_layer_size < 1:
+        raise ConfigError(f"{source}: image.max_layer_size must be at least 1")
+    if config.image.free_space_reserve < 0:
+        raise ConfigError(f"{source}: image.free_space_reserve must not be negative")
     if config.image.pull_progress_timeout <= 0:
         raise ConfigError(f"{source}: image.pull_progress_timeout must be positive")
     if not 0 <= config.streaming.port <= 65535:
         raise ConfigError(f"{source}: streaming.port must be between 0 and 65535")
-    for name in ("token_ttl", "stream_idle_timeout"):
+    for name in ("token_ttl", "stream_idle_timeout", "request_head_timeout"):
         if getattr(config.streaming, name) <= 0:
             raise ConfigError(f"{source}: streaming.{name} must be positive")
-    if config.streaming.max_concurrent_streams < 1:
-        raise ConfigError(f"{source}: streaming.max_concurrent_streams must be at least 1")
+    for name in ("max_concurrent_streams", "max_pending_connections"):
+        if getattr(config.streaming, name) < 1:
+            raise ConfigError(f"{source}: streaming.{name} must be at least 1")
     if bool(config.streaming.tls_cert_file) != bool(config.streaming.tls_key_file):
         raise ConfigError(f"{source}: streaming.tls_cert_file and streaming.tls_key_file go together")
     if config.runtime.shm_size < 0:

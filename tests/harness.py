@@ -406,6 +406,28 @@ def remove_portmap_chains(subnet: str) -> None:
         subprocess.run(["iptables", "-w", "-t", "nat", "-X", chain], capture_output=True)
 
 
+def remove_cgroups(cgroup_parent: str) -> None:
+    """Remove a test's cgroup parent and what is below it: a slice is stopped through systemd
+    (its scopes, containers' and shims', are empty by now, so the stop is quick)."""
+    if cgroup_parent.endswith(".slice"):
+        from common.cgroups import systemd_dbus
+
+        try:
+            systemd_dbus.stop_unit(cgroup_parent)
+        except Exception as exc:  # the clean-up goes on; leak_report tells what stayed
+            print(f"cannot stop {cgroup_parent}: {exc}", file=sys.stderr)
+    for directory in cgroup_dirs(cgroup_parent):
+        for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            try:
+                sub.rmdir()
+            except OSError:
+                pass
+        try:
+            directory.rmdir()
+        except OSError:
+            pass
+
+
 def cleanup_root(root: Path, cgroup_parent: str, bridge: str, subnet: str = "") -> None:
     for _ in range(3):
         pids = processes_of_root(root) + processes_in_cgroups(cgroup_parent)
@@ -429,22 +451,5 @@ def cleanup_root(root: Path, cgroup_parent: str, bridge: str, subnet: str = "") 
     subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
     if subnet:
         remove_portmap_chains(subnet)
-    if cgroup_parent.endswith(".slice"):
-        # Its scopes (containers, shims) are empty by now: the stop is quick.
-        from common.cgroups import systemd_dbus
-
-        try:
-            systemd_dbus.stop_unit(cgroup_parent)
-        except Exception as exc:  # the clean-up goes on; leak_report tells what stayed
-            print(f"cannot stop {cgroup_parent}: {exc}", file=sys.stderr)
-    for directory in cgroup_dirs(cgroup_parent):
-        for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-            try:
-                sub.rmdir()
-            except OSError:
-                pass
-        try:
-            directory.rmdir()
-        except OSError:
-            pass
+    remove_cgroups(cgroup_parent)
     shutil.rmtree(root, ignore_errors=True)

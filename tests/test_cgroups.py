@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -20,6 +21,10 @@ from common.cgroups.hierarchy import CGROUP2_SUPER_MAGIC, HYBRID, TMPFS_MAGIC, V
 from common.cgroups.resources import cpu_weight, file_values, oci_resources
 from common.config import ConfigError, load_config
 from common.errors import FailedPrecondition, InvalidArgument
+from tests import fake_systemd_bus
+from tests.fake_systemd_bus import FakeSystemd
+from tests.fixtures_containers import Containers
+from tests.harness import Stack, wait_until
 
 HOST = detect()
 needs_v2 = pytest.mark.skipif(not HOST.unified, reason=f"needs a pure cgroup v2 host; this one is {HOST.mode}")
@@ -27,6 +32,7 @@ needs_systemd = pytest.mark.skipif(not systemd_dbus.systemd_booted(), reason="ne
 
 
 def fake_v2(root: Path, controllers: str = "cpuset cpu io memory hugetlb pids") -> Hierarchy:
+    root.mkdir(parents=True, exist_ok=True)
     (root / "cgroup.controllers").write_text(controllers + "\n")
     return Hierarchy.at(root, V2)
 
@@ -199,8 +205,13 @@ def test_container_cgroups_paths_of_each_driver(tmp_path: Path) -> None:
     assert path == "kubepods-besteffort-pod1.slice:pyrio:abc"
     assert with_systemd.cgroup_of(path) == "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/pyrio-abc.scope"
     assert with_systemd.oom_files(path) == [str(tmp_path / with_systemd.cgroup_of(path).lstrip("/") / "memory.events")]
-    with pytest.raises(InvalidArgument, match="not a systemd slice name"):
-        with_systemd.container_cgroups_path("/kubepods/pod1", "abc")
+    # A cgroupfs-style parent is converted, as CRI allows and as the kubelet converts its own.
+    assert with_systemd.container_cgroups_path("/kubepods/burstable/pod-1", "abc") == "kubepods-burstable-pod_1.slice:pyrio:abc"
+    assert with_systemd.parent_cgroup("/kubepods/besteffort") == "/kubepods.slice/kubepods-besteffort.slice"
+    with pytest.raises(InvalidArgument, match="neither a systemd slice name"):
+        with_systemd.container_cgroups_path("kubepods", "abc")
+    with pytest.raises(InvalidArgument, match="not a valid slice name"):
+        with_systemd.container_cgroups_path("kubepods--x.slice", "abc")
     with_cgroupfs = CgroupManager(hierarchy, CGROUPFS)
     assert with_cgroupfs.container_cgroups_path("/kubepods/pod1/", "abc") == "/kubepods/pod1/pyrio-abc"
     with pytest.raises(InvalidArgument, match="needs runtime.cgroup_manager"):
@@ -294,3 +305,89 @@ def test_real_systemd_scope_for_a_process_in_a_slice_with_resources() -> None:
         systemd_dbus.stop_unit(parent)
     assert not (HOST.root / parent).exists() or not HOST.unified
     systemd_dbus.stop_unit("pyrio-never-started-unit.scope")  # a unit systemd does not know is stopped
+
+
+# --- the systemd driver's D-Bus calls, through a real bus daemon --------------------------------
+
+
+@pytest.fixture
+def fake_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSystemd]:
+    if not fake_systemd_bus.available():
+        pytest.skip("dbus-daemon is not installed")
+    with fake_systemd_bus.FakeSystemdBus(tmp_path) as fake:
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", fake.address)
+        yield fake
+
+
+def test_systemd_driver_starts_a_scope_for_a_process_over_dbus(tmp_path: Path, fake_systemd: FakeSystemd) -> None:
+    manager = CgroupManager(fake_v2(tmp_path / "tree"), SYSTEMD)
+    cgroup = manager.apply(4242, "/kubepods/burstable/pod1", "pyrio-shim-abc", "pyrio shim of container abc")
+    assert cgroup == "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/pyrio-shim-abc.scope"
+    properties = dict(fake_systemd.units["pyrio-shim-abc.scope"])
+    assert properties["PIDs"] == ("au", [4242]) and properties["Slice"] == ("s", "kubepods-burstable-pod1.slice")
+    assert properties["Description"] == ("s", "pyrio shim of container abc")
+    with pytest.raises(FailedPrecondition, match="UnitExists"):
+        manager.apply(4242, "kubepods-burstable-pod1.slice", "pyrio-shim-abc")
+    fake_systemd.results["pyrio-shim-bad.scope"] = "failed"
+    with pytest.raises(FailedPrecondition, match="job failed"):
+        manager.apply(4243, "kubepods-burstable-pod1.slice", "pyrio-shim-bad")
+    manager.remove(cgroup)
+    assert "pyrio-shim-abc.scope" not in fake_systemd.units
+    systemd_dbus.stop_unit("pyrio-shim-abc.scope")  # one systemd does not know is stopped already
+
+
+def test_systemd_driver_sets_a_pod_slice_properties_and_files(tmp_path: Path, fake_systemd: FakeSystemd) -> None:
+    manager = CgroupManager(fake_v2(tmp_path, "cpu memory pids"), SYSTEMD)
+    # A slice systemd has not loaded is started with the properties.
+    manager.set("pyrio_pod-x1.slice", {"cpu_shares": 1024, "memory_limit_in_bytes": 1 << 30})
+    assert dict(fake_systemd.units["pyrio_pod-x1.slice"])["CPUWeight"] == ("t", 39)
+    assert (tmp_path / "pyrio_pod.slice" / "pyrio_pod-x1.slice" / "memory.max").read_text() == str(1 << 30)
+    manager.set("pyrio_pod-x1.slice", {"memory_limit_in_bytes": 1 << 29})
+    assert fake_systemd.calls[-1][0] == "SetUnitProperties"
+    assert dict(fake_systemd.units["pyrio_pod-x1.slice"])["MemoryMax"] == ("t", 1 << 29)
+
+
+def test_systemd_driver_without_a_bus_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/absent")
+    with pytest.raises(FailedPrecondition, match="cannot reach systemd over D-Bus"):
+        CgroupManager(fake_v2(tmp_path), SYSTEMD).apply(1, "pyrio.slice", "x")
+
+
+# --- a stack's containers and shims in their cgroups ---------------------------------------------
+
+
+def process_cgroups(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
+def test_container_cgroup_is_named_after_the_driver(containers: Containers) -> None:
+    stack = containers.stack
+    container_id = containers.run(command=["sleep", "300"])
+    info = containers.info(container_id)
+    manager = CgroupManager(HOST, stack.cgroup_manager)
+    if stack.cgroup_manager == SYSTEMD:
+        assert info["cgroups_path"] == f"{stack.cgroup_parent}:pyrio:{container_id}"
+        scope = f"{systemd.expand_slice(stack.cgroup_parent)}/pyrio-{container_id}.scope"
+        assert manager.cgroup_of(info["cgroups_path"]) == scope
+        assert scope in process_cgroups(info["pid"])
+        # The shim left shimd's cgroup (the pyrio service's) for a scope of its own in the pod's slice.
+        shim_scope = f"{systemd.expand_slice(stack.cgroup_parent)}/pyrio-shim-{container_id}.scope"
+        assert shim_scope in process_cgroups(info["shim_pid"])
+        assert process_cgroups(info["shim_pid"]) != process_cgroups(stack.service_pid("shimd"))
+    else:
+        assert info["cgroups_path"] == f"{stack.cgroup_parent}/pyrio-{container_id}"
+        assert f"{stack.cgroup_parent}/pyrio-{container_id}" in process_cgroups(info["pid"])
+    assert manager.process_count(info["cgroups_path"]) == 1
+    containers.stop(container_id)
+
+
+def test_shimd_refuses_the_systemd_driver_without_systemd() -> None:
+    if systemd_dbus.systemd_booted():
+        pytest.skip("systemd is PID 1 here: the systemd driver is available")
+    stack = Stack({"runtime": {"cgroup_manager": "systemd", "cgroup_parent": "pyrio_refused.slice"}})
+    try:
+        stack.start(wait=False)
+        wait_until(lambda: "refusing to start" in stack.logs("shimd"), 30, what="shimd's refusal")
+        assert "systemd is not PID 1" in stack.logs("shimd")
+    finally:
+        stack.stop()

@@ -36,6 +36,28 @@ def expand_slice(slice_name: str) -> str:
     return path
 
 
+def slice_of(parent: str) -> str:
+    """A pod's cgroup parent as a slice name. CRI says a runtime may convert the cgroupfs syntax
+    to systemd's: "/kubepods/burstable/pod1" -> "kubepods-burstable-pod1.slice", a '-' inside a
+    part becoming '_', as the kubelet's own conversion does. A slice name stays as it is."""
+    if parent.endswith(SLICE_SUFFIX):
+        expand_slice(parent)
+        return parent
+    if not parent.startswith("/"):
+        raise InvalidArgument(
+            f"cgroup parent {parent!r} is neither a systemd slice name (kubepods-burstable-pod<uid>.slice) "
+            "nor an absolute cgroup path"
+        )
+    parts = [part for part in parent.split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise InvalidArgument(f"cgroup parent {parent!r} must not have . or .. parts")
+    if not parts:
+        return ROOT_SLICE
+    name = "-".join(part.replace("-", "_") for part in parts) + SLICE_SUFFIX
+    expand_slice(name)
+    return name
+
+
 def scope_name(prefix: str, name: str) -> str:
     return f"{prefix}-{name}.scope"
 

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,7 @@ from common.errors import (
 from common.ids import new_id
 from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
-from common.cgroups import manager_for
+from common.cgroups import CgroupManager, manager_for
 from services.shimd import network_stats, oci_spec, spec_mounts, spec_resources
 from services.shimd.records import (
     CREATED,
@@ -114,10 +115,10 @@ def reported_image(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class ShimDaemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, cgroups: CgroupManager | None = None) -> None:
         self.config = config
         self.store = ContainerStore(config)
-        self.cgroups = manager_for(config.runtime.cgroup_manager)
+        self.cgroups = cgroups or manager_for(config.runtime.cgroup_manager)
         self.netd = client_for(config, "netd")
         self.imaged = client_for(config, "imaged")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shimd-bulk")
@@ -783,9 +784,15 @@ class ShimDaemon:
 
 
 def build(config: Config, server: RpcServer) -> ShimDaemon:
+    try:
+        cgroups = manager_for(config.runtime.cgroup_manager)
+    except (FailedPrecondition, OSError) as exc:
+        # As for a bad config: supervisord logs this at each retry, then marks shimd FATAL.
+        print(f"pyrio-shimd: refusing to start: {exc}", file=sys.stderr)
+        sys.exit(2)
     # Started now, so its warm-up is done before the first CreateContainer.
     start_zygote(str(config.service_state_dir("shimd")))
-    daemon = ShimDaemon(config)
+    daemon = ShimDaemon(config, cgroups)
     daemon.register(server)
     return daemon
 
