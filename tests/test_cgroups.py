@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -20,6 +21,8 @@ from common.cgroups.hierarchy import CGROUP2_SUPER_MAGIC, HYBRID, TMPFS_MAGIC, V
 from common.cgroups.resources import cpu_weight, file_values, oci_resources
 from common.config import ConfigError, load_config
 from common.errors import FailedPrecondition, InvalidArgument
+from tests import fake_systemd_bus
+from tests.fake_systemd_bus import FakeSystemd
 from tests.fixtures_containers import Containers
 from tests.harness import Stack, wait_until
 
@@ -29,6 +32,7 @@ needs_systemd = pytest.mark.skipif(not systemd_dbus.systemd_booted(), reason="ne
 
 
 def fake_v2(root: Path, controllers: str = "cpuset cpu io memory hugetlb pids") -> Hierarchy:
+    root.mkdir(parents=True, exist_ok=True)
     (root / "cgroup.controllers").write_text(controllers + "\n")
     return Hierarchy.at(root, V2)
 
@@ -301,6 +305,52 @@ def test_real_systemd_scope_for_a_process_in_a_slice_with_resources() -> None:
         systemd_dbus.stop_unit(parent)
     assert not (HOST.root / parent).exists() or not HOST.unified
     systemd_dbus.stop_unit("pyrio-never-started-unit.scope")  # a unit systemd does not know is stopped
+
+
+# --- the systemd driver's D-Bus calls, through a real bus daemon --------------------------------
+
+
+@pytest.fixture
+def fake_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSystemd]:
+    if not fake_systemd_bus.available():
+        pytest.skip("dbus-daemon is not installed")
+    with fake_systemd_bus.FakeSystemdBus(tmp_path) as fake:
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", fake.address)
+        yield fake
+
+
+def test_systemd_driver_starts_a_scope_for_a_process_over_dbus(tmp_path: Path, fake_systemd: FakeSystemd) -> None:
+    manager = CgroupManager(fake_v2(tmp_path / "tree"), SYSTEMD)
+    cgroup = manager.apply(4242, "/kubepods/burstable/pod1", "pyrio-shim-abc", "pyrio shim of container abc")
+    assert cgroup == "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/pyrio-shim-abc.scope"
+    properties = dict(fake_systemd.units["pyrio-shim-abc.scope"])
+    assert properties["PIDs"] == ("au", [4242]) and properties["Slice"] == ("s", "kubepods-burstable-pod1.slice")
+    assert properties["Description"] == ("s", "pyrio shim of container abc")
+    with pytest.raises(FailedPrecondition, match="UnitExists"):
+        manager.apply(4242, "kubepods-burstable-pod1.slice", "pyrio-shim-abc")
+    fake_systemd.results["pyrio-shim-bad.scope"] = "failed"
+    with pytest.raises(FailedPrecondition, match="job failed"):
+        manager.apply(4243, "kubepods-burstable-pod1.slice", "pyrio-shim-bad")
+    manager.remove(cgroup)
+    assert "pyrio-shim-abc.scope" not in fake_systemd.units
+    systemd_dbus.stop_unit("pyrio-shim-abc.scope")  # one systemd does not know is stopped already
+
+
+def test_systemd_driver_sets_a_pod_slice_properties_and_files(tmp_path: Path, fake_systemd: FakeSystemd) -> None:
+    manager = CgroupManager(fake_v2(tmp_path, "cpu memory pids"), SYSTEMD)
+    # A slice systemd has not loaded is started with the properties.
+    manager.set("pyrio_pod-x1.slice", {"cpu_shares": 1024, "memory_limit_in_bytes": 1 << 30})
+    assert dict(fake_systemd.units["pyrio_pod-x1.slice"])["CPUWeight"] == ("t", 39)
+    assert (tmp_path / "pyrio_pod.slice" / "pyrio_pod-x1.slice" / "memory.max").read_text() == str(1 << 30)
+    manager.set("pyrio_pod-x1.slice", {"memory_limit_in_bytes": 1 << 29})
+    assert fake_systemd.calls[-1][0] == "SetUnitProperties"
+    assert dict(fake_systemd.units["pyrio_pod-x1.slice"])["MemoryMax"] == ("t", 1 << 29)
+
+
+def test_systemd_driver_without_a_bus_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/absent")
+    with pytest.raises(FailedPrecondition, match="cannot reach systemd over D-Bus"):
+        CgroupManager(fake_v2(tmp_path), SYSTEMD).apply(1, "pyrio.slice", "x")
 
 
 # --- a stack's containers and shims in their cgroups ---------------------------------------------

@@ -36,7 +36,7 @@ def systemd_booted() -> bool:
 def _call(method: str, signature: str, body: tuple, wait_job: bool = False) -> Any:
     try:
         connection = open_dbus_connection(bus="SYSTEM")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         raise FailedPrecondition(
             f"cannot reach systemd over D-Bus (system bus {SYSTEM_BUS_SOCKET}): {exc}; "
             "the systemd cgroup driver needs systemd as PID 1 and a running dbus"
@@ -46,10 +46,13 @@ def _call(method: str, signature: str, body: tuple, wait_job: bool = False) -> A
             return _unwrap(connection.send_and_get_reply(new_method_call(SYSTEMD, method, signature, body),
                                                          timeout=JOB_TIMEOUT_SECONDS), method, body)
         # Listen for JobRemoved before asking, so the signal cannot be missed.
-        rule = MatchRule(type="signal", sender=SYSTEMD.bus_name, interface=SYSTEMD.interface,
-                         member="JobRemoved", path=SYSTEMD.object_path)
-        connection.send_and_get_reply(message_bus.AddMatch(rule), timeout=JOB_TIMEOUT_SECONDS)
-        with connection.filter(rule, bufsize=64) as signals:
+        bus_rule = MatchRule(type="signal", sender=SYSTEMD.bus_name, interface=SYSTEMD.interface,
+                             member="JobRemoved", path=SYSTEMD.object_path)
+        connection.send_and_get_reply(message_bus.AddMatch(bus_rule), timeout=JOB_TIMEOUT_SECONDS)
+        # Locally the sender is systemd's unique name, not the well-known one: match without it.
+        local_rule = MatchRule(type="signal", interface=SYSTEMD.interface, member="JobRemoved",
+                               path=SYSTEMD.object_path)
+        with connection.filter(local_rule, bufsize=64) as signals:
             job = _unwrap(connection.send_and_get_reply(new_method_call(SYSTEMD, method, signature, body),
                                                         timeout=JOB_TIMEOUT_SECONDS), method, body)[0]
             while True:

@@ -9,9 +9,10 @@ paths netd pinned.
 
 This is the one place where a CRI config becomes an OCI spec (build_spec);
 each concern lives in its own module: spec_users (the process user),
-spec_security (capabilities, seccomp, AppArmor, masked paths), spec_mounts
-(mounts, devices, termination log) and spec_resources (cgroups path; the
-resources come from the host's common.cgroups manager).
+spec_security (capabilities, AppArmor, masked paths), spec_seccomp (the
+seccomp profile), spec_mounts (mounts, devices, termination log) and
+spec_resources (cgroups path; the resources come from the host's
+common.cgroups manager).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from services.shimd.spec_mounts import (
 )
 from services.shimd.spec_resources import cgroups_path, own_oom_score_adj
 from services.shimd.spec_security import (
-    DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, apparmor_profile, capabilities, seccomp_profile,
+    DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, apparmor_profile, capabilities,
 )
+from services.shimd.spec_seccomp import seccomp_profile
 from services.shimd.spec_users import resolve_user
 
 # CRI NamespaceMode.
