@@ -23,6 +23,7 @@ from typing import Any
 
 from common.config import Config
 from common.daemon import client_for
+from common.exec_limits import MAX_EXEC_TIMEOUT_SECONDS, MAX_STOP_TIMEOUT_SECONDS, check_exec_command, clamp_timeout
 from common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -471,7 +472,7 @@ class ShimDaemon:
         record = self.store.find(container_id)
         if record is None:
             return {}  # StopContainer is idempotent, as RemoveContainer (CRI-O and containerd agree)
-        self._stop(record, float(params.get("timeout") or 0))
+        self._stop(record, clamp_timeout(float(params.get("timeout") or 0), MAX_STOP_TIMEOUT_SECONDS, "stop timeout"))
         return {}
 
     def _stop(self, record: dict[str, Any], timeout: float) -> None:
@@ -555,7 +556,7 @@ class ShimDaemon:
 
     def stop_all(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
         records = self._close(params.get("sandbox_id", ""))
-        timeout = float(params.get("timeout") or 0)
+        timeout = clamp_timeout(float(params.get("timeout") or 0), MAX_STOP_TIMEOUT_SECONDS, "stop timeout")
         self._each(records, lambda record: self._stop(record, timeout))
         return {"stopped": [record["id"] for record in records]}
 
@@ -677,11 +678,11 @@ class ShimDaemon:
         return record
 
     def exec_sync(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        # Checked before anything reaches the shim, which must never be
+        # handed a request it cannot take (common/exec_limits.py).
+        command = check_exec_command(list(params.get("cmd") or []))
+        timeout = clamp_timeout(float(params.get("timeout") or 0), MAX_EXEC_TIMEOUT_SECONDS, "exec timeout")
         record = self._running(params, "exec in")
-        command = list(params.get("cmd") or [])
-        if not command:
-            raise InvalidArgument("exec command must not be empty")
-        timeout = float(params.get("timeout") or 0)
         pid_file = str(self.store.directory(record["id"]) / f"exec-{new_id()[:16]}.pid")
         request = {"op": "exec", "cmd": command, "timeout": timeout, "pid_file": pid_file, "max_output": EXEC_OUTPUT_LIMIT}
         wait = (timeout + STOP_MARGIN_SECONDS) if timeout > 0 else max(call.remaining(), 1.0)
