@@ -33,6 +33,7 @@ import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from common import state
 from common.errors import (
     DeadlineExceeded,
     Internal,
@@ -100,7 +101,7 @@ class RpcServer:
     def bind(self) -> None:
         if self.endpoint.startswith("ipc://"):
             socket_path = Path(self.endpoint[len("ipc://") :])
-            socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            state.private_dir(socket_path.parent)
         self._replies = self._context.socket(zmq.PULL)
         self._replies.bind(self._reply_endpoint)
         self._router = self._context.socket(zmq.ROUTER)
@@ -230,6 +231,7 @@ class RpcClient:
         self._local = threading.local()
         self._all_sockets: list[_ThreadSocket] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def _thread_socket(self) -> _ThreadSocket:
         sock = getattr(self._local, "sock", None)
@@ -241,7 +243,9 @@ class RpcClient:
         return sock
 
     def close(self) -> None:
+        """Close every thread's socket; calls still waiting end Unavailable."""
         with self._lock:
+            self._closed = True
             for sock in self._all_sockets:
                 sock.close()
             self._all_sockets.clear()
@@ -260,6 +264,19 @@ class RpcClient:
         during a non-idempotent call, DeadlineExceeded when no answer came
         in time. An idempotent call is sent again after a reconnect.
         """
+        try:
+            return self._call(method, params, timeout, idempotent)
+        except zmq.ZMQError as exc:
+            # The socket was closed under the call (the process is stopping)
+            # or libzmq failed: either way the callee was not reached or its
+            # answer is lost, which is Unavailable ("try again"), as after a
+            # crash, never an internal error.
+            why = "the client was closed" if self._closed else f"ZeroMQ error: {exc}"
+            raise Unavailable(f"{self.service}.{method} was abandoned: {why}") from None
+
+    def _call(self, method: str, params: dict[str, Any] | None, timeout: float | None, idempotent: bool) -> Any:
+        if self._closed:
+            raise Unavailable(f"{self.service}.{method}: this process is stopping (its RPC client is closed)")
         deadline = time.time() + (self.default_timeout if timeout is None else timeout)
         request_id = f"{os.getpid()}-{next(self._counter)}"
         payload = pack({"id": request_id, "method": method, "params": params or {}, "deadline": deadline})

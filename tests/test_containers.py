@@ -18,6 +18,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from common.cgroups import cpu_weight, detect
 from tests.fixtures_containers import (
     CONTAINER_CREATED,
     CONTAINER_EXITED,
@@ -363,17 +364,21 @@ def test_stats_of_a_busy_container(containers: Containers) -> None:
 
 
 def test_update_container_resources_visible_in_cgroup(containers: Containers) -> None:
+    """CreateContainer's and UpdateContainerResources' limits land in the cgroup files of the host's
+    hierarchy (v1: memory.limit_in_bytes, cpu.shares; v2: memory.max, cpu.weight converted, cpu.max)."""
     linux = api_pb2.LinuxContainerConfig(resources=api_pb2.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512))
     container_id = containers.run(command=["sleep", "300"], linux=linux)
-    memory_limit = cgroup_file(containers, container_id, "memory", "memory.limit_in_bytes")
+    memory_limit = cgroup_file(containers, container_id, "memory/memory.limit_in_bytes", "memory.max")
     assert int(memory_limit.read_text()) == 64 << 20
-    assert int(cgroup_file(containers, container_id, "cpu", "cpu.shares").read_text()) == 512
+    cpu_share = cgroup_file(containers, container_id, "cpu/cpu.shares", "cpu.weight")
+    assert int(cpu_share.read_text()) == (cpu_weight(512) if detect().unified else 512)
     containers.runtime.UpdateContainerResources(api_pb2.UpdateContainerResourcesRequest(
         container_id=container_id,
         linux=api_pb2.LinuxContainerResources(memory_limit_in_bytes=128 << 20, cpu_quota=20000, cpu_period=100000),
     ))
     assert int(memory_limit.read_text()) == 128 << 20
-    assert int(cgroup_file(containers, container_id, "cpu", "cpu.cfs_quota_us").read_text()) == 20000
+    quota = cgroup_file(containers, container_id, "cpu/cpu.cfs_quota_us", "cpu.max")
+    assert quota.read_text().split()[0] == "20000"
     status = containers.status(container_id).status
     assert status.resources.linux.memory_limit_in_bytes == 128 << 20
 

@@ -13,7 +13,7 @@ from common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.imaged.manifest import Platform, parse_manifest, select_platform
 from services.imaged.reference import parse_reference
 from services.imaged.registry import Credentials, endpoints_for, parse_www_authenticate
-from services.imaged.unpack import UnsafeLayer, unpack_layer
+from services.imaged.unpack import UnpackLimits, UnsafeLayer, unpack_layer
 from tests.oci_images import Dir, File, Opaque, Symlink, Whiteout, compress, tar_layer
 
 
@@ -91,7 +91,7 @@ def _unpack(tmp_path: Path, entries: list, compression: str = "gzip") -> Path:
     blob.write_bytes(compress(tar_layer(entries, raw_names=True), compression))
     target = tmp_path / "layer"
     target.mkdir()
-    unpack_layer(str(blob), str(target), "sha256:test")
+    unpack_layer(str(blob), str(target), "sha256:test", UnpackLimits(1 << 30))
     return target
 
 
@@ -120,5 +120,5 @@ def test_unpack_diff_id_covers_the_whole_tar(tmp_path: Path) -> None:
     blob.write_bytes(compress(tar, "gzip"))
     target = tmp_path / "layer"
     target.mkdir()
-    diff_id, size = unpack_layer(str(blob), str(target), "sha256:test")
+    diff_id, size = unpack_layer(str(blob), str(target), "sha256:test", UnpackLimits(1 << 30))
     assert diff_id == "sha256:" + hashlib.sha256(tar).hexdigest() and size == len(tar)

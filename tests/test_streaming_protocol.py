@@ -161,7 +161,8 @@ def test_streaming_config_is_checked(tmp_path) -> None:
     from common.config import StreamingSection
     from services.crigw.streaming.server import StreamingServer
 
-    for bad in ("token_ttl = 0", "max_concurrent_streams = 0", 'tls_cert_file = "/x.pem"', "stream_idle_timeout = -1"):
+    for bad in ("token_ttl = 0", "max_concurrent_streams = 0", 'tls_cert_file = "/x.pem"', "stream_idle_timeout = -1",
+                "request_head_timeout = 0", "max_pending_connections = 0"):
         path = tmp_path / "pyrio.toml"
         path.write_text(f"[streaming]\n{bad}\n")
         with pytest.raises(ConfigError, match="streaming"):

@@ -54,10 +54,9 @@ def status(gateway: Gateway, request: api_pb2.StatusRequest) -> api_pb2.StatusRe
 
 @cri_handler("RuntimeConfig")
 def runtime_config(gateway: Gateway, request: api_pb2.RuntimeConfigRequest) -> api_pb2.RuntimeConfigResponse:
-    # cgroupfs is the only driver pyrio implements (config validation enforces it).
-    return api_pb2.RuntimeConfigResponse(
-        linux=api_pb2.LinuxRuntimeConfiguration(cgroup_driver=api_pb2.CGROUPFS)
-    )
+    # The kubelet (1.28+) takes its cgroup driver from this answer.
+    driver = api_pb2.SYSTEMD if gateway.config.runtime.cgroup_manager == "systemd" else api_pb2.CGROUPFS
+    return api_pb2.RuntimeConfigResponse(linux=api_pb2.LinuxRuntimeConfiguration(cgroup_driver=driver))
 
 
 @cri_handler("UpdateRuntimeConfig")

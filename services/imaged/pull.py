@@ -27,8 +27,9 @@ from common.errors import FailedPrecondition, PyrioError, ResourceExhausted
 from services.imaged import manifest as manifests
 from services.imaged.reference import Reference, parse_reference
 from services.imaged.registry import Cancelled, Credentials, RegistryClient, endpoints_for
+from services.imaged.space import DiskReserve, GuardedWriter
 from services.imaged.store import Store
-from services.imaged.unpack import unpack_layer
+from services.imaged.unpack import UnpackLimits, unpack_layer
 
 log = logging.getLogger("pyrio.imaged.pull")
 
@@ -54,6 +55,7 @@ class Puller:
     def __init__(self, store: Store, settings: ImageSection) -> None:
         self.store = store
         self.settings = settings
+        self.reserve = DiskReserve(str(store.root), settings.free_space_reserve)
         self._download_slots = threading.BoundedSemaphore(settings.max_concurrent_downloads)
         # Layer jobs wait on their layer lock and the download slots, so the
         # pool is larger than the download bound.
@@ -132,9 +134,7 @@ class Puller:
         config_digest = str(config_descriptor.get("digest", ""))
         if not _DIFF_ID.match(config_digest):
             raise FailedPrecondition(f"{what}: the manifest's config digest {config_digest!r} is not a sha256 digest")
-        size = int(config_descriptor.get("size", 0))
-        if size > MAX_CONFIG_BYTES:
-            raise FailedPrecondition(f"{what}: the image config is {size} bytes, more than {MAX_CONFIG_BYTES} allowed")
+        size = manifests.declared_size(config_descriptor, MAX_CONFIG_BYTES, "for an image config", what)
         buffer = io.BytesIO()
         client.download_blob(config_digest, buffer, size)
         resolved.config_digest, resolved.config_bytes = config_digest, buffer.getvalue()
@@ -144,6 +144,8 @@ class Puller:
         except (ValueError, KeyError, TypeError):
             raise FailedPrecondition(f"{what}: the image config is not valid (no rootfs.diff_ids)") from None
         layers = manifests.layer_descriptors(document, what)
+        for layer in layers:
+            manifests.declared_size(layer, self.settings.max_layer_size, "image.max_layer_size", what)
         if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
             raise FailedPrecondition(
                 f"{what}: the config lists {len(diff_ids) if isinstance(diff_ids, list) else 0} diff ids "
@@ -166,6 +168,9 @@ class Puller:
             # A layer listed twice is fetched once.
             unique = list({diff_id: (descriptor, diff_id) for descriptor, diff_id in missing}.values())
             if unique:
+                # The blobs at least must fit above the reserve; what they
+                # expand to is watched while they unpack.
+                self.reserve.require(sum(int(descriptor["size"]) for descriptor, _ in unique), f"image {reference}")
                 self._run_layer_jobs(resolved.client, unique)
             return self._commit_image(reference, resolved, diff_ids)
         finally:
@@ -198,16 +203,17 @@ class Puller:
             if self.store.has_layer(diff_id):
                 return
             blob_path = self.store.temp_path("blob")
-            staging = self.store.temp_path("layer")
+            staging = None
             try:
                 with self._download_slots:
                     if cancel.is_set():
                         raise Cancelled(f"layer {digest}: cancelled")
                     with open(blob_path, "wb") as output:
-                        declared_size = int(descriptor["size"]) if "size" in descriptor else None
-                        client.download_blob(digest, output, declared_size, cancel.is_set)
-                (staging / "diff").mkdir(parents=True)
-                actual_diff_id, tar_size = unpack_layer(str(blob_path), str(staging / "diff"), digest)
+                        guarded = GuardedWriter(output, self.reserve, f"layer {digest}")
+                        client.download_blob(digest, guarded, int(descriptor["size"]), cancel.is_set)  # type: ignore[arg-type]
+                staging = self.store.make_layer_staging()
+                limits = UnpackLimits(self.settings.max_layer_size, lambda: self.reserve.require(0, f"layer {digest}"))
+                actual_diff_id, tar_size = unpack_layer(str(blob_path), str(staging / "diff"), digest, limits)
                 if actual_diff_id != diff_id:
                     raise FailedPrecondition(
                         f"layer {digest}: its content is {actual_diff_id}, but the image config promises {diff_id}; "
@@ -219,7 +225,8 @@ class Puller:
                 )
             finally:
                 blob_path.unlink(missing_ok=True)
-                shutil.rmtree(staging, ignore_errors=True)
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
 
     # --- record -------------------------------------------------------------------
 

@@ -398,6 +398,13 @@ class RegistryClient:
         what = f"blob {digest} of {self.name}"
         response = self.request("GET", f"/v2/{self.repository}/blobs/{digest}")
         self._raise_for_status(response, what)
+        announced = response.getheader("Content-Length")
+        if expected_size is not None and announced is not None and announced.isdigit() and int(announced) > expected_size:
+            response.close()
+            raise FailedPrecondition(
+                f"{what}: size mismatch, the registry announces {announced} bytes, the manifest declares "
+                f"{expected_size}; nothing was stored"
+            )
         size = 0
         try:
             while True:

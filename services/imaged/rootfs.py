@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import mounts
+from common import mounts, state
 from services.imaged.store import Store
 
 log = logging.getLogger("pyrio.imaged.rootfs")
@@ -39,15 +39,19 @@ class RootfsManager:
     def mount(self, record: dict[str, Any]) -> str:
         """Mount (or find mounted) the record's overlay; returns the merged dir."""
         paths = self.paths(record["container_id"])
+        # The base dir is what keeps host users out of the mounted rootfs;
+        # upper's mode becomes the container's "/", which a non-root
+        # container user must be able to traverse.
+        state.private_dir(paths["base"])
         for key in ("upper", "work", "merged"):
-            paths[key].mkdir(parents=True, exist_ok=True)
+            paths[key].mkdir(mode=0o755, exist_ok=True)
         merged = str(paths["merged"])
         if mounts.is_mount_point(merged):
             return merged
         layers = list(reversed(record["layers"]))
         if not layers:
             # overlayfs needs a lower dir; an image without layers gets an empty one.
-            paths["empty"].mkdir(exist_ok=True)
+            paths["empty"].mkdir(mode=0o755, exist_ok=True)
             lower = [str(paths["empty"])]
         else:
             lower = [str(self.store.layer_diff(diff_id)) for diff_id in layers]

@@ -27,11 +27,13 @@ import shutil
 import stat
 import tarfile
 import zlib
-from typing import BinaryIO
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
 
 import zstandard
 
-from common.errors import FailedPrecondition
+from common.errors import FailedPrecondition, InvalidArgument
+from services.imaged.space import CHECK_EVERY_BYTES
 
 log = logging.getLogger("pyrio.imaged.unpack")
 
@@ -43,22 +45,54 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+# How often (in bytes of tar stream) an unpack looks at the free space left.
+SPACE_CHECK_BYTES = CHECK_EVERY_BYTES
+
+
 class UnsafeLayer(FailedPrecondition):
     """A layer entry that would write outside the layer directory."""
 
 
-class _HashingReader:
-    """A read-only stream that hashes and counts what passes through."""
+class LayerTooLarge(FailedPrecondition):
+    """A layer that expands past image.max_layer_size (a decompression bomb)."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+
+@dataclass
+class UnpackLimits:
+    """What one layer may cost the node.
+
+    max_bytes bounds the uncompressed tar stream, so every byte written
+    (file data, headers) and every sparse file's apparent size; check_space
+    raises when the store's filesystem reaches its reserve."""
+
+    max_bytes: int
+    check_space: Callable[[], None] = lambda: None
+
+
+class _HashingReader:
+    """A read-only stream that hashes and counts what passes through, and
+    stops a stream that grows past the layer's bound."""
+
+    def __init__(self, raw: BinaryIO, layer_digest: str, limits: UnpackLimits) -> None:
         self.raw = raw
         self.hasher = hashlib.sha256()
         self.size = 0
+        self.layer_digest = layer_digest
+        self.limits = limits
+        self._next_space_check = SPACE_CHECK_BYTES
 
     def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
+        data = self.raw.read(min(size, CHUNK_BYTES) if size >= 0 else CHUNK_BYTES)
         self.hasher.update(data)
         self.size += len(data)
+        if self.size > self.limits.max_bytes:
+            raise LayerTooLarge(
+                f"layer {self.layer_digest} expands to more than {self.limits.max_bytes} bytes "
+                "(image.max_layer_size); refusing it, nothing was stored"
+            )
+        if self.size >= self._next_space_check:
+            self._next_space_check += SPACE_CHECK_BYTES
+            self.limits.check_space()
         return data
 
     def drain(self) -> None:
@@ -90,10 +124,16 @@ def clean_name(name: str, layer_digest: str) -> str:
     return normalised
 
 
+class InvalidLayer(InvalidArgument):
+    """A layer entry no filesystem can take as given (a malformed sparse map,
+    xattr or name): the image is wrong, not the node."""
+
+
 class LayerExtractor:
-    def __init__(self, root: str, layer_digest: str) -> None:
+    def __init__(self, root: str, layer_digest: str, max_bytes: int) -> None:
         self.root = root
         self.layer_digest = layer_digest
+        self.max_bytes = max_bytes
         self._dir_times: list[tuple[str, float]] = []
 
     def _path(self, relative: str) -> str:
@@ -188,12 +228,15 @@ class LayerExtractor:
             return
         self._remove(path)
         if member.isreg():
-            source = tar.extractfile(member)
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(descriptor, "wb") as output:
-                assert source is not None
-                while chunk := source.read(CHUNK_BYTES):
-                    output.write(chunk)
+                if member.sparse is not None:
+                    self._write_sparse(member, tar, output)
+                else:
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    while chunk := source.read(CHUNK_BYTES):
+                        output.write(chunk)
         elif member.issym():
             os.symlink(member.linkname, path)
         elif member.islnk():
@@ -218,19 +261,50 @@ class LayerExtractor:
             return
         self._apply_metadata(path, member)
 
+    def _write_sparse(self, member: tarfile.TarInfo, tar: tarfile.TarFile, output: BinaryIO) -> None:
+        """Write a sparse member's data segments where they go and leave its
+        holes as holes: a few hundred bytes of tar may describe gigabytes
+        of zeros, which must cost no disk."""
+        if member.size > self.max_bytes:
+            raise LayerTooLarge(
+                f"layer {self.layer_digest}: sparse file {member.name!r} is {member.size} bytes, more than the "
+                f"{self.max_bytes} a layer may expand to (image.max_layer_size); refusing it, nothing was stored"
+            )
+        end = 0
+        for offset, length in member.sparse or []:
+            if offset < end or length < 0 or offset + length > member.size:
+                raise InvalidLayer(
+                    f"layer {self.layer_digest}: sparse file {member.name!r} has a malformed sparse map; "
+                    "refusing the layer"
+                )
+            end = offset + length
+        # The segments' data lie one after another in the archive.
+        stream = tar.fileobj
+        assert stream is not None
+        stream.seek(member.offset_data)
+        for offset, length in member.sparse or []:
+            output.seek(offset)
+            while length > 0:
+                chunk = stream.read(min(length, CHUNK_BYTES))
+                if not chunk:
+                    raise InvalidLayer(f"layer {self.layer_digest}: sparse file {member.name!r} is truncated")
+                output.write(chunk)
+                length -= len(chunk)
+        output.truncate(member.size)
+
     def finish(self) -> None:
         # Directory times last: creating entries inside changed them.
         for path, mtime in reversed(self._dir_times):
             os.utime(path, (mtime, mtime), follow_symlinks=False)
 
 
-def unpack_layer(blob_path: str, target_dir: str, layer_digest: str) -> tuple[str, int]:
+def unpack_layer(blob_path: str, target_dir: str, layer_digest: str, limits: UnpackLimits) -> tuple[str, int]:
     """Extract the layer blob at `blob_path` into the empty `target_dir`.
 
     Returns (diff id, size of the uncompressed tar)."""
-    extractor = LayerExtractor(target_dir, layer_digest)
+    extractor = LayerExtractor(target_dir, layer_digest, limits.max_bytes)
     with open(blob_path, "rb") as blob:
-        stream = _HashingReader(_decompressed(blob))
+        stream = _HashingReader(_decompressed(blob), layer_digest, limits)
         try:
             with tarfile.open(fileobj=stream, mode="r|", errorlevel=2) as tar:  # type: ignore[call-overload]
                 for member in tar:

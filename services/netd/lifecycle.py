@@ -29,7 +29,6 @@ log = logging.getLogger("pyrio.netd.sandboxes")
 
 # CRI NamespaceMode numbers, as carried in the PodSandboxConfig dict.
 NAMESPACE_MODES = {0: "POD", 1: "CONTAINER", 2: "NODE", 3: "TARGET"}
-MAX_HOSTNAME_LENGTH = 64
 
 
 def _namespace_options(config: dict[str, Any]) -> dict[str, str]:
@@ -53,6 +52,7 @@ def _validate_port_mappings(port_mappings: list[dict[str, Any]]) -> None:
             raise InvalidArgument(f"port mapping {mapping} has a port outside 1-65535")
         if int(mapping.get("protocol", 0)) not in (0, 1, 2):
             raise InvalidArgument(f"port mapping {mapping} has an unknown protocol")
+        pod_files.validate_host_ip(str(mapping.get("host_ip", "")))
 
 
 class SandboxManager:
@@ -80,10 +80,12 @@ class SandboxManager:
         )
         port_mappings = config.get("port_mappings") or []
         _validate_port_mappings(port_mappings)
-        pod_files.resolv_conf_text(config.get("dns_config"))  # InvalidArgument before anything exists
+        # InvalidArgument before anything exists.
+        pod_files.validate_dns_config(config.get("dns_config"))
+        pod_files.validate_log_directory(config.get("log_directory", ""))
         hostname = config.get("hostname", "")
-        if len(hostname) > MAX_HOSTNAME_LENGTH:
-            raise InvalidArgument(f"hostname {hostname!r} is longer than {MAX_HOSTNAME_LENGTH} characters")
+        if hostname:
+            pod_files.validate_hostname(hostname)
         # Without a usable network a pod-network sandbox cannot run; a
         # hostNetwork one can (that is how a CNI plugin's own pods start).
         network = None if host_network else load_network(self.config)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from common import mounts
 from common.errors import InvalidArgument
+from services.netd.sysctls import proc_path as sysctl_proc_path
 
 log = logging.getLogger("pyrio.netd.namespaces")
 
@@ -107,7 +108,7 @@ def _bring_loopback_up() -> None:
 
 def write_sysctl(name: str, value: str) -> None:
     """Write one sysctl of the calling thread's namespaces."""
-    path = "/proc/sys/" + name.replace(".", "/")
+    path = sysctl_proc_path(name)
     try:
         with open(path, "w") as handle:
             handle.write(value)

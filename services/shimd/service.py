@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,8 @@ from common.errors import (
 from common.ids import new_id
 from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
-from services.shimd import cgroup_stats, oci_spec
+from common.cgroups import CgroupManager, manager_for
+from services.shimd import network_stats, oci_spec, spec_mounts, spec_resources
 from services.shimd.records import (
     CREATED,
     EXITED,
@@ -97,11 +99,26 @@ def cri_signal(number: int) -> int:
     return CRI_SIGNALS.index(name) if name in CRI_SIGNALS else 0
 
 
+def reported_image(record: dict[str, Any]) -> dict[str, Any]:
+    """The ImageSpec ContainerStatus and ListContainers report.
+
+    Its `image` is what the kubelet asked for (`user_specified_image`), or
+    the image's tag, never the `sha256:` id the kubelet resolved it to, as
+    containerd does: `kubectl get pod` shows it. `image_ref` and `image_id`
+    carry the digest and the id.
+    """
+    spec = dict(record["image"])
+    named = spec.get("user_specified_image") or record.get("image_name")
+    if named:
+        spec["image"] = named
+    return spec
+
+
 class ShimDaemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, cgroups: CgroupManager | None = None) -> None:
         self.config = config
         self.store = ContainerStore(config)
-        self.layout = oci_spec.CgroupLayout.detect()
+        self.cgroups = cgroups or manager_for(config.runtime.cgroup_manager)
         self.netd = client_for(config, "netd")
         self.imaged = client_for(config, "imaged")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shimd-bulk")
@@ -194,7 +211,7 @@ class ShimDaemon:
 
     def _runtime(self, record: dict[str, Any], *args: str, timeout: float = 30.0, check: bool = True,
                  stdin: bytes | None = None) -> subprocess.CompletedProcess:
-        command = [record["runtime_path"], "--root", record["runtime_root"], *args]
+        command = [record["runtime_path"], "--root", record["runtime_root"], *record.get("runtime_flags", ()), *args]
         try:
             result = subprocess.run(command, input=stdin, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -255,6 +272,8 @@ class ShimDaemon:
             "runtime_handler": handler_name or self.config.runtime.default_runtime,
             "runtime_path": handler.path,
             "runtime_root": handler.root,
+            # runc and crun make the container's scope themselves (over D-Bus) with this flag.
+            "runtime_flags": ["--systemd-cgroup"] if self.cgroups.systemd else [],
             "tty": bool(config.get("tty")),
             "stdin": bool(config.get("stdin")),
             "stdin_once": bool(config.get("stdin_once")),
@@ -319,11 +338,11 @@ class ShimDaemon:
                 container_dir=container_dir,
                 image_name=prepared.get("image_name", ""),
             ),
-            self.layout,
+            self.cgroups,
         )
         cgroups_path = spec["linux"]["cgroupsPath"]
         stop_signal = config.get("stop_signal") or image_config.get("StopSignal") or ""
-        termination = oci_spec.termination_message_source(config, container_dir)
+        termination = spec_mounts.termination_message_source(config, container_dir)
         record.update(
             cgroups_path=cgroups_path,
             stop_signal=signal_number(stop_signal),
@@ -344,6 +363,7 @@ class ShimDaemon:
             "container_id": container_id,
             "runtime_path": record["runtime_path"],
             "runtime_root": record["runtime_root"],
+            "runtime_flags": record.get("runtime_flags", []),
             "bundle": str(bundle),
             "pid_file": str(container_dir / "init.pid"),
             "runtime_log": str(container_dir / "runtime.log"),
@@ -356,7 +376,7 @@ class ShimDaemon:
             "stdin": record["stdin"],
             "stdin_once": record["stdin_once"],
             "create_timeout": self.config.runtime.create_timeout,
-            "oom_files": self.layout.oom_files(cgroups_path),
+            "oom_files": self.cgroups.oom_files(cgroups_path),
         }
         started = spawn_shim(shim_spec, self.config.runtime.create_timeout + 5.0)
         record.update(
@@ -364,8 +384,16 @@ class ShimDaemon:
             shim_start_time=process_start_time(started["shim_pid"]),
             pid=started["pid"],
             pid_start_time=process_start_time(started["pid"]),
-            phase=PHASE_CREATED,
         )
+        if self.cgroups.systemd:
+            # Out of shimd's cgroup (the pyrio service's, which a stop of the
+            # service kills) into a scope of its own in the pod's slice, as CRI-O
+            # does with crio-conmon-<id>.scope.
+            record["shim_cgroup"] = self.cgroups.apply(
+                started["shim_pid"], spec_resources.pod_cgroup_parent(self.config, sandbox),
+                f"pyrio-shim-{container_id}", f"pyrio shim of container {container_id}",
+            )
+        record["phase"] = PHASE_CREATED
         self.store.save(record)
 
     def _destroy(self, record: dict[str, Any]) -> None:
@@ -545,7 +573,7 @@ class ShimDaemon:
             "started_at": record.get("started_at", 0),
             "finished_at": 0,
             "exit_code": 0,
-            "image": record["image"],
+            "image": reported_image(record),
             "image_ref": record.get("repo_digest") or record.get("image_ref", ""),
             "image_id": record.get("image_ref", ""),
             "reason": "",
@@ -601,7 +629,7 @@ class ShimDaemon:
                 "id": record["id"],
                 "pod_sandbox_id": record["sandbox_id"],
                 "metadata": record["metadata"],
-                "image": record["image"],
+                "image": reported_image(record),
                 "image_ref": record.get("repo_digest") or record.get("image_ref", ""),
                 "image_id": record.get("image_ref", ""),
                 "state": state,
@@ -702,7 +730,7 @@ class ShimDaemon:
             state, _ = self.store.state(record)
             if state not in (CREATED, RUNNING):
                 raise FailedPrecondition(f"container {record['id'][:12]} is {self._state_word(state)}: cannot update its resources")
-            resources = oci_spec.oci_resources(linux, self.layout)
+            resources = self.cgroups.oci_resources(linux)
             if resources:
                 self._runtime(record, "update", "--resources", "-", record["id"], stdin=json.dumps(resources).encode())
             merged = dict(record.get("resources") or {})
@@ -721,14 +749,14 @@ class ShimDaemon:
                 "annotations": record["annotations"],
             },
         }
-        stats.update(cgroup_stats.container_usage(self.layout, record.get("cgroups_path", "")))
+        stats.update(self.cgroups.stats(record.get("cgroups_path", "")))
         now = time.time_ns()
         # Pod-level figures crigw's PodSandboxStats takes (not ContainerStats fields).
         if self.store.init_alive(record):
-            network = cgroup_stats.network_usage(int(record["pid"]))
+            network = network_stats.network_usage(int(record["pid"]))
             if network is not None:
                 stats["pod_network"] = network
-        count = cgroup_stats.process_count(self.layout, record.get("cgroups_path", ""))
+        count = self.cgroups.process_count(record.get("cgroups_path", ""))
         if count is not None:
             stats["process_count"] = count
         try:
@@ -756,9 +784,15 @@ class ShimDaemon:
 
 
 def build(config: Config, server: RpcServer) -> ShimDaemon:
+    try:
+        cgroups = manager_for(config.runtime.cgroup_manager)
+    except (FailedPrecondition, OSError) as exc:
+        # As for a bad config: supervisord logs this at each retry, then marks shimd FATAL.
+        print(f"pyrio-shimd: refusing to start: {exc}", file=sys.stderr)
+        sys.exit(2)
     # Started now, so its warm-up is done before the first CreateContainer.
     start_zygote(str(config.service_state_dir("shimd")))
-    daemon = ShimDaemon(config)
+    daemon = ShimDaemon(config, cgroups)
     daemon.register(server)
     return daemon
 

@@ -194,6 +194,10 @@ class Shim:
             self.outputs[handed[b"stdout"]] = b"stdout"
             self.outputs[handed[b"stderr"]] = b"stderr"
             self.stdin_fd = handed.get(b"stdin", -1)
+        # The container cgroup's memory.events (cgroup v2), polled for POLLPRI: the
+        # kernel notifies each change; oom_kill counts read so far.
+        self.oom_fd = handed.get(b"oom", -1)
+        self.oom_kills = 0
         self.exited = False
         self.exit_record: dict[str, Any] | None = None
         self.stdin_pending = b""
@@ -275,6 +279,8 @@ class Shim:
             entries.append((self.attach.fileno(), select.POLLIN))
         for fd in self.outputs:
             entries.append((fd, select.POLLIN))
+        if self.oom_fd >= 0:
+            entries.append((self.oom_fd, select.POLLPRI))
         if self.stdin_fd >= 0 and self.stdin_pending and self.stdin_fd not in self.outputs:
             entries.append((self.stdin_fd, select.POLLOUT))
         if len(self.stdin_pending) < READ_CHUNK * 16:
@@ -309,6 +315,8 @@ class Shim:
             self.reap()
         elif fd == self.control.fileno():
             self.accept_control()
+        elif fd == self.oom_fd:
+            self.read_oom_events()
         elif fd == self.attach.fileno():
             conn = accept(self.attach)
             conn.settimeout(ATTACH_SEND_TIMEOUT)
@@ -428,6 +436,18 @@ class Shim:
             except OSError:
                 pass
 
+    def read_oom_events(self) -> None:
+        """Re-read memory.events (which also re-arms its poll) for the oom_kill count."""
+        try:
+            data = os.pread(self.oom_fd, 4096, 0)
+        except OSError:  # ENODEV: the cgroup is gone
+            os.close(self.oom_fd)
+            self.oom_fd = -1
+            return
+        for line in data.split(b"\n"):
+            if line.startswith(b"oom_kill "):
+                self.oom_kills = max(self.oom_kills, int(line[9:]))
+
     # --- exit --------------------------------------------------------------
 
     def reap(self) -> None:
@@ -451,7 +471,12 @@ class Shim:
         # Output already in the pipes belongs in the log before the exit is
         # announced: whoever reads the exit file next reads the log too.
         self.drain_available()
-        oom_killed = read_oom_kills(self.spec.get("oom_files", [])) > 0
+        if self.oom_fd >= 0:
+            self.read_oom_events()
+        oom_killed = max(self.oom_kills, read_oom_kills(self.spec.get("oom_files", []))) > 0
+        if self.oom_fd >= 0:
+            os.close(self.oom_fd)
+            self.oom_fd = -1
         self.exit_record = {"exit_code": exit_code, "exited_at": exited_at, "oom_killed": oom_killed, "pid": self.pid}
         atomic_write(self.spec["exit_file"], compact_json.dumps(self.exit_record))
         for fd in list(self.attach_clients):

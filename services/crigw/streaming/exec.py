@@ -135,7 +135,7 @@ class ExecSession:
 
     def run(self, streams: RemoteStreams, cancelled: threading.Event) -> int:
         """Run to completion; the exit code. Kills the process if `cancelled` is set first."""
-        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             if streams.tty:
                 return self._run_tty(streams, cancelled)
