@@ -9,9 +9,10 @@ paths netd pinned.
 
 This is the one place where a CRI config becomes an OCI spec (build_spec);
 each concern lives in its own module: spec_users (the process user),
-spec_security (capabilities, seccomp, AppArmor, masked paths), spec_mounts
-(mounts, devices, termination log) and spec_resources (cgroups path; the
-resources come from the host's common.cgroups manager).
+spec_security (capabilities, AppArmor, masked paths), spec_seccomp (the
+seccomp profile), spec_mounts (mounts, devices, termination log) and
+spec_resources (cgroups path; the resources come from the host's
+common.cgroups manager).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from services.shimd.spec_mounts import (
 )
 from services.shimd.spec_resources import cgroups_path, own_oom_score_adj
 from services.shimd.spec_security import (
-    DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, apparmor_profile, capabilities, seccomp_profile,
+    DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, apparmor_profile, capabilities,
 )
+from services.shimd.spec_seccomp import seccomp_profile
 from services.shimd.spec_users import resolve_user
+from services.shimd.spec_validation import validate_process_size
 
 # CRI NamespaceMode.
 NAMESPACE_POD, NAMESPACE_CONTAINER, NAMESPACE_NODE, NAMESPACE_TARGET = 0, 1, 2, 3
@@ -134,6 +137,9 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
 
     user = resolve_user(inputs.rootfs, security, image_config.get("User", ""))
     env = merge_env(image_config.get("Env") or [], cri.get("envs") or [])
+    args = process_args(cri, image_config)
+    # The image's Env and Cmd count too: 250,000 image Env entries once made runc create hang 60 s.
+    validate_process_size(args, env, "the container's (image and config)")
     if not any(entry.startswith("HOME=") for entry in env):
         env.append(f"HOME={user.home}")
     hostname = sandbox.get("hostname") or (inputs.sandbox_config.get("hostname") or "")
@@ -148,7 +154,7 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
     process: dict[str, Any] = {
         "terminal": bool(cri.get("tty")),
         "user": {"uid": user.uid, "gid": user.gid, "additionalGids": user.additional_gids},
-        "args": process_args(cri, image_config),
+        "args": args,
         "env": env,
         "cwd": cri.get("working_dir") or image_config.get("WorkingDir") or "/",
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
