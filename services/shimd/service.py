@@ -260,6 +260,7 @@ class ShimDaemon:
             if not log_directory:
                 raise InvalidArgument("log_path is set but the pod sandbox has no log_directory")
             log_path = os.path.normpath(os.path.join(log_directory, config["log_path"]))
+            spec_validation.validate_log_path(log_path)
         record: dict[str, Any] = {
             "id": container_id,
             "sandbox_id": sandbox["id"],

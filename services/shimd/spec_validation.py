@@ -12,6 +12,7 @@ sizes a process can be started with).
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,19 @@ def validate_cgroup_parent(parent: str, cgroups: CgroupManager, root: str) -> No
         inside, top = cgroups.parent_cgroup(parent).rstrip("/"), cgroups.parent_cgroup(root).rstrip("/")
         if inside != top and not inside.startswith(top + "/"):
             raise InvalidArgument(f"{field} {parent[:200]!r} is outside {root!r}, the node's runtime.cgroup_parent_root")
+
+
+def validate_log_path(log_path: str) -> None:
+    """The shim appends the container's output to log_path: it must be a
+    regular file or not exist yet. A FIFO would block the shim's open, and a
+    device (log_directory /dev, log_path sda) would take the output onto it."""
+    try:
+        info = os.lstat(log_path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise InvalidArgument(f"log_path {log_path[:200]} cannot be used: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise InvalidArgument(f"log_path {log_path[:200]} (log_directory + log_path) is {kind}: "
+                              "container logs go only to a regular file or a new one")
