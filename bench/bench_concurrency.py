@@ -11,9 +11,7 @@ registry.
 from __future__ import annotations
 
 import random
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,19 +21,13 @@ import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
 from bench.bench_containers import start_sleeping_pod
-from tests.fixtures_images import start_registry
-from tests.harness import Stack
-from tests.oci_images import push_busybox
+from bench.stacks import busybox_stack
+from bench.timing import percentile
 
 CLIENTS = 50
 CONTAINERS = 20
 ROUNDS = 10
 CALLS = ("ListContainers", "ContainerStatus", "ExecSync")
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def _client(socket_path: Path, container_ids: list[str], start: threading.Barrier, seed: int) -> dict[str, list[float]]:
@@ -67,14 +59,8 @@ def _client(socket_path: Path, container_ids: list[str], start: threading.Barrie
 
 
 def run() -> dict[str, float | str]:
-    workdir = Path(tempfile.mkdtemp(prefix="pyrio-bench-registry-"))
-    registry = start_registry(workdir, workdir / "storage", "bench")
-    stack = Stack()
-    try:
-        image = push_busybox(registry, "bench/busybox", "latest").reference
-        stack.start()
+    with busybox_stack() as (stack, image):
         runtime = stack.runtime
-        stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
         log_dir = stack.root / "pod-logs"
         with ThreadPoolExecutor(5) as pool:
             started_pods = list(pool.map(lambda index: start_sleeping_pod(runtime, image, str(log_dir / str(index))), range(CONTAINERS)))
@@ -97,13 +83,9 @@ def run() -> dict[str, float | str]:
             failed = sum(len(result[f"{name}_failed"]) for result in results)
             if values:
                 figures[f"{name}_p50_ms"] = round(statistics.median(values), 1)
-                figures[f"{name}_p99_ms"] = round(_percentile(values, 0.99), 1)
+                figures[f"{name}_p99_ms"] = round(percentile(values, 0.99), 1)
             figures[f"{name}_failed"] = failed
         for sandbox_id, _ in started_pods:
             runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120)
             runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120)
         return figures
-    finally:
-        stack.stop()
-        registry.stop()
-        shutil.rmtree(workdir, ignore_errors=True)

@@ -58,6 +58,10 @@ class RuntimeSection:
     # Parent cgroup of pods whose config names none; empty means "/pyrio" with
     # cgroupfs and "pyrio.slice" with systemd.
     cgroup_parent: str = ""
+    # When set, every pod's cgroup parent must lie inside this cgroup (like
+    # "/kubepods" or "kubepods.slice"): a CRI client cannot place containers
+    # elsewhere in the node's cgroup tree. Empty: any parent is accepted.
+    cgroup_parent_root: str = ""
     # Clamp a requested oom_score_adj to the runtime's own, as containerd's
     # restrict_oom_score_adj does: without CAP_SYS_RESOURCE a lower value
     # makes runc fail.
@@ -111,6 +115,14 @@ class ImageSection:
     max_concurrent_downloads: int = 3
     # A download that makes no progress for this many seconds fails.
     pull_progress_timeout: float = 60.0
+    # A download slower than this many bytes/s, averaged over each
+    # download_rate_window seconds, fails (a registry dribbling bytes never
+    # trips pull_progress_timeout); 0 turns the floor off.
+    min_download_rate: int = 1024
+    download_rate_window: float = 60.0
+    # Downloads one registry may run at once, so a slow one cannot hold every
+    # slot; 0 means all of max_concurrent_downloads but one (at least one).
+    max_downloads_per_registry: int = 0
     registries: dict[str, RegistryConfig] = field(default_factory=dict)
     # Most bytes one layer may expand to (its uncompressed tar, sparse files
     # by their apparent size) and its blob may declare: a bigger layer, a
@@ -273,6 +285,10 @@ def _validate(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: pyrio.{name} must be positive")
     if config.image.max_concurrent_downloads < 1:
         raise ConfigError(f"{source}: image.max_concurrent_downloads must be at least 1")
+    if config.image.min_download_rate < 0 or config.image.max_downloads_per_registry < 0:
+        raise ConfigError(f"{source}: image.min_download_rate and image.max_downloads_per_registry must not be negative")
+    if config.image.download_rate_window <= 0:
+        raise ConfigError(f"{source}: image.download_rate_window must be positive")
     if config.image.max_layer_size < 1:
         raise ConfigError(f"{source}: image.max_layer_size must be at least 1")
     if config.image.free_space_reserve < 0:

@@ -103,6 +103,7 @@ class HostileRegistry:
         self.sent: dict[str, int] = {}
         self.blob_requests: list[str] = []
         self.open_blob_requests = 0
+        self.most_open_blob_requests = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         registry = self
@@ -145,6 +146,7 @@ class HostileRegistry:
                 with registry._lock:
                     registry.blob_requests.append(digest)
                     registry.open_blob_requests += 1
+                    registry.most_open_blob_requests = max(registry.most_open_blob_requests, registry.open_blob_requests)
                 try:
                     self._send_blob(digest, plan)
                 except OSError:

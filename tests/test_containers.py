@@ -205,8 +205,11 @@ def test_privileged_container(containers: Containers) -> None:
     containers.pod_ids.append(reply.pod_sandbox_id)
     pod = (reply.pod_sandbox_id, config)
     script = "grep CapEff /proc/self/status; ls /dev | wc -l; grep -c seccomp /proc/self/status; grep Seccomp: /proc/self/status; cat /proc/kcore >/dev/null 2>&1 && echo kcore-unmasked || echo kcore-masked"
-    privileged = containers.run(pod, "priv", command=["sh", "-c", script], linux=security(privileged=True))
-    plain = containers.run(pod, "plain", command=["sh", "-c", script])
+    privileged_linux, plain_linux = security(privileged=True), security()
+    for linux in (privileged_linux, plain_linux):  # privileged overrides an explicit RuntimeDefault
+        linux.security_context.seccomp.profile_type = api_pb2.SecurityProfile.RuntimeDefault
+    privileged = containers.run(pod, "priv", command=["sh", "-c", script], linux=privileged_linux)
+    plain = containers.run(pod, "plain", command=["sh", "-c", script], linux=plain_linux)
     privileged_out, plain_out = containers.output(privileged), containers.output(plain)
     assert cap_eff(privileged_out) & (1 << CAP_SYS_ADMIN)
     assert not cap_eff(plain_out) & (1 << CAP_SYS_ADMIN)
@@ -476,7 +479,9 @@ def test_seccomp_profiles(containers: Containers, tmp_path: Path) -> None:
     unconfined.security_context.seccomp.profile_type = api_pb2.SecurityProfile.Unconfined
     denied = containers.run(pod, "localhost", command=["sh", "-c", script], linux=localhost)
     free = containers.run(pod, "unconfined", command=["sh", "-c", script], linux=unconfined)
-    default = containers.run(pod, "default", command=["sh", "-c", script])
+    runtime_default = api_pb2.LinuxContainerConfig()
+    runtime_default.security_context.seccomp.profile_type = api_pb2.SecurityProfile.RuntimeDefault
+    default = containers.run(pod, "default", command=["sh", "-c", script], linux=runtime_default)
     assert containers.output(denied).splitlines() == ["mkdir-denied", "Seccomp:\t2"]
     assert containers.output(free).splitlines() == ["mkdir-ok", "Seccomp:\t0"]
     assert containers.output(default).splitlines() == ["mkdir-ok", "Seccomp:\t2"]

@@ -261,3 +261,21 @@ def test_call_in_flight_when_its_client_closes_is_unavailable(in_process_server:
     assert isinstance(outcome["error"], Unavailable), repr(outcome["error"])
     with pytest.raises(Unavailable):
         client.call("echo", {})
+
+
+def test_sockets_are_pooled_not_kept_per_thread(in_process_server: str) -> None:
+    """A thread that calls once and ends (a streaming session) leaves no socket
+    behind: the client holds as many as calls ran at once."""
+    client = RpcClient(in_process_server, "testd")
+    try:
+        for _ in range(30):
+            caller = threading.Thread(target=client.call, args=("echo", {}))
+            caller.start()
+            caller.join(10)
+        assert client.socket_count == 1
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda _: client.call("sleep", {"seconds": 0.3}), range(6)))
+        assert client.socket_count <= 6
+        assert client.call("echo", {"x": 1})["params"] == {"x": 1}
+    finally:
+        client.close()

@@ -8,9 +8,25 @@ method without a handler answers UNIMPLEMENTED naming the method.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any, Callable
 
 Handler = Callable[[Any, Any], Any]
+
+# The deadline (time.time()) of the CRI call a gRPC worker thread serves, for
+# handlers whose downstream work should end when the kubelet stops waiting.
+_call = threading.local()
+
+
+def set_call_deadline(remaining: float | None) -> None:
+    _call.deadline = None if remaining is None else time.time() + remaining
+
+
+def call_time_remaining(longest: float) -> float:
+    """Seconds the current CRI caller still waits, at most `longest`."""
+    deadline = getattr(_call, "deadline", None)
+    return longest if deadline is None else max(0.0, min(longest, deadline - time.time()))
 
 HANDLERS: dict[str, Handler] = {}
 

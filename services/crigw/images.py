@@ -13,10 +13,10 @@ from cri_api.v1 import api_pb2
 from common.errors import InvalidArgument
 from services.crigw.convert import dict_to_message, message_to_dict
 from services.crigw.gateway import Gateway
-from services.crigw.handlers import cri_handler
+from services.crigw.handlers import call_time_remaining, cri_handler
 
-# A pull has no deadline of its own: imaged detects stalled downloads
-# (image.pull_progress_timeout), so this only bounds a pathological case.
+# A pull lasts as long as its caller waits (the kubelet sets no deadline):
+# imaged detects stalled and too slow downloads, so this bounds the rest.
 PULL_TIMEOUT_SECONDS = 3600.0
 # ImageFsInfo walks the store.
 FS_INFO_TIMEOUT_SECONDS = 120.0
@@ -51,7 +51,8 @@ def pull_image(gateway: Gateway, request: api_pb2.PullImageRequest) -> api_pb2.P
     params: dict[str, Any] = {"image": _image_name(request.image, "PullImage")}
     if request.HasField("auth"):
         params["auth"] = message_to_dict(request.auth)
-    reply = gateway.imaged.call("image.pull", params, timeout=PULL_TIMEOUT_SECONDS)
+    # imaged stops the pull's downloads once every caller's deadline passed.
+    reply = gateway.imaged.call("image.pull", params, timeout=call_time_remaining(PULL_TIMEOUT_SECONDS))
     return api_pb2.PullImageResponse(image_ref=reply["image_ref"])
 
 

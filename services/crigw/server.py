@@ -19,7 +19,7 @@ from cri_api.v1 import api_pb2
 
 from common.errors import Unimplemented
 from services.crigw.gateway import Gateway
-from services.crigw.handlers import HANDLERS
+from services.crigw.handlers import HANDLERS, set_call_deadline
 from services.crigw.request_limits import check_request_limits
 from services.crigw.status import serve_cri_call
 
@@ -83,7 +83,8 @@ def _method_handler(gateway: Gateway, method: Any) -> grpc.RpcMethodHandler:
     response_class = getattr(api_pb2, method.output_type.name)
     handler = HANDLERS.get(name, _unimplemented(name))
 
-    def checked(request: Any, _context: Any) -> Any:
+    def checked(request: Any, context: Any) -> Any:
+        set_call_deadline(context.time_remaining())
         check_request_limits(request)
         return handler(gateway, request)
 

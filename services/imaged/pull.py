@@ -19,16 +19,18 @@ import shutil
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from common.config import ImageSection
-from common.errors import FailedPrecondition, PyrioError, ResourceExhausted
+from common.errors import DeadlineExceeded, FailedPrecondition, PyrioError, ResourceExhausted
 from services.imaged import manifest as manifests
 from services.imaged.reference import Reference, parse_reference
-from services.imaged.registry import Cancelled, Credentials, RegistryClient, endpoints_for
+from services.imaged.registry import Credentials, RegistryClient, endpoints_for
 from services.imaged.space import DiskReserve, GuardedWriter
 from services.imaged.store import Store
+from services.imaged.transfer import Cancelled, DownloadSlots, per_registry_cap
 from services.imaged.unpack import UnpackLimits, unpack_layer
 
 log = logging.getLogger("pyrio.imaged.pull")
@@ -51,51 +53,97 @@ class Resolved:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+class PullRun:
+    """One pull in progress and the deadlines of the callers waiting for it:
+    once every one has passed, nobody can use the result and the pull's
+    downloads stop."""
+
+    def __init__(self) -> None:
+        self.result: Future = Future()
+        self._deadlines: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._next_token = 0
+
+    def join(self, deadline: float) -> int:
+        with self._lock:
+            self._next_token += 1
+            self._deadlines[self._next_token] = deadline
+            return self._next_token
+
+    def leave(self, token: int) -> None:
+        with self._lock:
+            self._deadlines.pop(token, None)
+
+    def abandoned(self) -> str:
+        """Why the pull is no longer wanted, or "" while a caller waits."""
+        with self._lock:
+            if any(deadline > time.time() for deadline in self._deadlines.values()):
+                return ""
+        return "no caller waits for this pull any more (every caller's deadline has passed)"
+
+
 class Puller:
     def __init__(self, store: Store, settings: ImageSection) -> None:
         self.store = store
         self.settings = settings
         self.reserve = DiskReserve(str(store.root), settings.free_space_reserve)
-        self._download_slots = threading.BoundedSemaphore(settings.max_concurrent_downloads)
+        self._download_slots = DownloadSlots(
+            settings.max_concurrent_downloads,
+            per_registry_cap(settings.max_concurrent_downloads, settings.max_downloads_per_registry),
+        )
         # Layer jobs wait on their layer lock and the download slots, so the
         # pool is larger than the download bound.
         self._jobs = ThreadPoolExecutor(max_workers=max(8, settings.max_concurrent_downloads * 4), thread_name_prefix="layer")
-        self._in_flight: dict[str, Future] = {}
+        self._in_flight: dict[str, PullRun] = {}
         self._in_flight_lock = threading.Lock()
 
     def close(self) -> None:
         self._jobs.shutdown(wait=False, cancel_futures=True)
 
-    def pull(self, image: str, auth: dict[str, Any] | None) -> dict[str, Any]:
-        """Pull `image`; returns the image record."""
+    def pull(self, image: str, auth: dict[str, Any] | None, deadline: float | None = None) -> dict[str, Any]:
+        """Pull `image` for a caller that waits until `deadline` (time.time());
+        returns the image record."""
         reference = parse_reference(image)
         credentials = Credentials.from_cri(auth)
         key = f"{reference}|{credentials.fingerprint()}"
+        deadline = deadline if deadline is not None else time.time() + 365 * 86400.0
         with self._in_flight_lock:
-            running = self._in_flight.get(key)
-            if running is None:
-                mine: Future = Future()
-                self._in_flight[key] = mine
-        if running is not None:
-            log.info("joining a pull in progress", extra={"image": str(reference)})
-            return running.result()
+            run = self._in_flight.get(key)
+            joining = run is not None
+            if run is None:
+                run = self._in_flight[key] = PullRun()
+            token = run.join(deadline)
         try:
-            record = self._pull(reference, credentials)
-            mine.set_result(record)
-            return record
-        except BaseException as exc:
-            mine.set_exception(exc)
-            raise
+            if joining:
+                log.info("joining a pull in progress", extra={"image": str(reference)})
+                try:
+                    return run.result.result(timeout=max(0.0, deadline - time.time()))
+                except FutureTimeout:
+                    raise DeadlineExceeded(
+                        f"image {reference}: the caller's deadline passed while it waited for the pull in progress"
+                    ) from None
+            try:
+                record = self._pull(reference, credentials, run)
+                run.result.set_result(record)
+                return record
+            except BaseException as exc:
+                run.result.set_exception(exc)
+                if isinstance(exc, PyrioError):
+                    # The caller may be gone (its deadline passed): say it here too.
+                    log.warning("pull failed", extra={"image": str(reference), "error": exc.message})
+                raise
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight.pop(key, None)
         finally:
-            with self._in_flight_lock:
-                self._in_flight.pop(key, None)
+            run.leave(token)
 
     # --- manifest side --------------------------------------------------------
 
-    def _pull(self, reference: Reference, credentials: Credentials) -> dict[str, Any]:
+    def _pull(self, reference: Reference, credentials: Credentials, run: PullRun) -> dict[str, Any]:
         started = time.monotonic()
         resolved = self._resolve_through_endpoints(reference, credentials)
-        record = self._fetch_layers_and_commit(reference, resolved)
+        record = self._fetch_layers_and_commit(reference, resolved, run)
         log.info(
             "pulled",
             extra={"image": str(reference), "image_id": record["id"], "endpoint": resolved.client.endpoint.host,
@@ -105,7 +153,10 @@ class Puller:
 
     def _resolve_through_endpoints(self, reference: Reference, credentials: Credentials) -> Resolved:
         for endpoint in endpoints_for(reference, self.settings.registries):
-            client = RegistryClient(endpoint, reference.path, credentials, self.settings.pull_progress_timeout)
+            client = RegistryClient(
+                endpoint, reference.path, credentials, self.settings.pull_progress_timeout,
+                self.settings.min_download_rate, self.settings.download_rate_window,
+            )
             try:
                 return self._resolve(client, reference)
             except PyrioError as exc:
@@ -159,7 +210,7 @@ class Puller:
 
     # --- layers -----------------------------------------------------------------
 
-    def _fetch_layers_and_commit(self, reference: Reference, resolved: Resolved) -> dict[str, Any]:
+    def _fetch_layers_and_commit(self, reference: Reference, resolved: Resolved, run: PullRun) -> dict[str, Any]:
         descriptors = resolved.manifest["layers"]
         diff_ids: list[str] = resolved.config["rootfs"]["diff_ids"]
         self.store.pin_layers(diff_ids)
@@ -171,25 +222,32 @@ class Puller:
                 # The blobs at least must fit above the reserve; what they
                 # expand to is watched while they unpack.
                 self.reserve.require(sum(int(descriptor["size"]) for descriptor, _ in unique), f"image {reference}")
-                self._run_layer_jobs(resolved.client, unique)
+                self._run_layer_jobs(resolved.client, unique, run)
             return self._commit_image(reference, resolved, diff_ids)
         finally:
             self.store.unpin_layers(diff_ids)
 
-    def _run_layer_jobs(self, client: RegistryClient, jobs: list[tuple[dict[str, Any], str]]) -> None:
+    def _run_layer_jobs(self, client: RegistryClient, jobs: list[tuple[dict[str, Any], str]], run: PullRun) -> None:
         cancel = threading.Event()
-        futures = [self._jobs.submit(self._fetch_layer, client, descriptor, diff_id, cancel) for descriptor, diff_id in jobs]
+
+        def unwanted() -> str:
+            if cancel.is_set():
+                return "another layer of the same pull failed"
+            return run.abandoned()
+
+        futures = [self._jobs.submit(self._fetch_layer, client, descriptor, diff_id, unwanted) for descriptor, diff_id in jobs]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if any(future.exception() for future in done):
             cancel.set()
             wait(futures)
             errors = [future.exception() for future in futures if future.exception() is not None]
+            first = next(future.exception() for future in done if future.exception() is not None)
             # Report the failure that caused the others to be cancelled.
-            raise next((error for error in errors if not isinstance(error, Cancelled)), errors[0])
+            raise next((error for error in errors if not isinstance(error, Cancelled)), first)
 
-    def _fetch_layer(self, client: RegistryClient, descriptor: dict[str, Any], diff_id: str, cancel: threading.Event) -> None:
+    def _fetch_layer(self, client: RegistryClient, descriptor: dict[str, Any], diff_id: str, unwanted: Callable[[], str]) -> None:
         try:
-            self._fetch_layer_once(client, descriptor, diff_id, cancel)
+            self._fetch_layer_once(client, descriptor, diff_id, unwanted)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(
@@ -197,7 +255,7 @@ class Puller:
                 ) from None
             raise
 
-    def _fetch_layer_once(self, client: RegistryClient, descriptor: dict[str, Any], diff_id: str, cancel: threading.Event) -> None:
+    def _fetch_layer_once(self, client: RegistryClient, descriptor: dict[str, Any], diff_id: str, unwanted: Callable[[], str]) -> None:
         digest = str(descriptor.get("digest", ""))
         with self.store.layer_lock(diff_id):
             if self.store.has_layer(diff_id):
@@ -205,12 +263,10 @@ class Puller:
             blob_path = self.store.temp_path("blob")
             staging = None
             try:
-                with self._download_slots:
-                    if cancel.is_set():
-                        raise Cancelled(f"layer {digest}: cancelled")
+                with self._download_slots.slot(client.endpoint.host, unwanted, f"layer {digest}"):
                     with open(blob_path, "wb") as output:
                         guarded = GuardedWriter(output, self.reserve, f"layer {digest}")
-                        client.download_blob(digest, guarded, int(descriptor["size"]), cancel.is_set)  # type: ignore[arg-type]
+                        client.download_blob(digest, guarded, int(descriptor["size"]), unwanted)  # type: ignore[arg-type]
                 staging = self.store.make_layer_staging()
                 limits = UnpackLimits(self.settings.max_layer_size, lambda: self.reserve.require(0, f"layer {digest}"))
                 actual_diff_id, tar_size = unpack_layer(str(blob_path), str(staging / "diff"), digest, limits)

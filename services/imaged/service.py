@@ -156,11 +156,12 @@ class ImageDaemon:
 
     # --- image methods ------------------------------------------------------------
 
-    def pull(self, params: dict[str, Any], _call: CallContext) -> dict[str, Any]:
+    def pull(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
         image = str(params.get("image") or "")
         if not image.strip():
             raise InvalidArgument("image must not be empty")
-        record = self.puller.pull(image, params.get("auth"))
+        # The caller's deadline: past it nobody can use what a download brings.
+        record = self.puller.pull(image, params.get("auth"), call.deadline)
         return {"image_ref": record["id"]}
 
     def status(self, params: dict[str, Any], _call: CallContext) -> dict[str, Any]:

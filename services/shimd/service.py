@@ -23,6 +23,7 @@ from typing import Any
 
 from common.config import Config
 from common.daemon import client_for
+from common.exec_limits import MAX_EXEC_TIMEOUT_SECONDS, MAX_STOP_TIMEOUT_SECONDS, check_exec_command, clamp_timeout
 from common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -37,7 +38,8 @@ from common.ids import new_id
 from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
 from common.cgroups import CgroupManager, manager_for
-from services.shimd import network_stats, oci_spec, spec_mounts, spec_resources
+from common.cgroups.parent_check import check_cgroup_parent
+from services.shimd import cgroup_leftovers, network_stats, oci_spec, spec_mounts, spec_resources, spec_validation
 from services.shimd.records import (
     CREATED,
     EXITED,
@@ -243,9 +245,12 @@ class ShimDaemon:
             raise InvalidArgument("container config must name an image (image.image)")
         if config.get("stdin_once") and not config.get("stdin"):
             raise InvalidArgument("stdin_once needs stdin")
+        spec_validation.validate_container_config(config)
         sandbox = self._sandbox(sandbox_id)
         if sandbox.get("state") not in SANDBOX_READY_STATES:
             raise FailedPrecondition(f"pod sandbox {sandbox['id'][:12]} is not ready: cannot create containers in it")
+        check_cgroup_parent(spec_resources.pod_cgroup_parent(self.config, sandbox), self.cgroups,
+                            self.config.runtime.cgroup_parent_root)
         handler_name = sandbox.get("runtime_handler") or ""
         handler = self.config.runtime_handler(handler_name)
         attempt = int(metadata.get("attempt", 0))
@@ -256,6 +261,7 @@ class ShimDaemon:
             if not log_directory:
                 raise InvalidArgument("log_path is set but the pod sandbox has no log_directory")
             log_path = os.path.normpath(os.path.join(log_directory, config["log_path"]))
+            spec_validation.validate_log_path(log_path)
         record: dict[str, Any] = {
             "id": container_id,
             "sandbox_id": sandbox["id"],
@@ -341,6 +347,9 @@ class ShimDaemon:
             self.cgroups,
         )
         cgroups_path = spec["linux"]["cgroupsPath"]
+        if not self.cgroups.systemd:
+            # Noted before runc runs: a create that fails removes the parents it made.
+            record["cgroup_parents_made"] = cgroup_leftovers.missing_parents(self.cgroups.cgroup_of(cgroups_path))
         stop_signal = config.get("stop_signal") or image_config.get("StopSignal") or ""
         termination = spec_mounts.termination_message_source(config, container_dir)
         record.update(
@@ -399,6 +408,7 @@ class ShimDaemon:
     def _destroy(self, record: dict[str, Any]) -> None:
         """Remove everything a container has (idempotent; each step may already be done)."""
         container_id = record["id"]
+        failed_create = record.get("phase") == PHASE_CREATING
         if record.get("phase") != PHASE_REMOVING:
             record["phase"] = PHASE_REMOVING
             self.store.save(record)
@@ -409,6 +419,11 @@ class ShimDaemon:
                 pass
         if record.get("runtime_path"):
             self._runtime(record, "delete", "--force", container_id, check=False)
+        if record.get("cgroups_path") and not self.cgroups.systemd:
+            # A create that failed before runc recorded the container left
+            # cgroups `runc delete` does not know about.
+            cgroup_leftovers.remove_leftovers(self.cgroups.cgroup_of(record["cgroups_path"]),
+                                              record.get("cgroup_parents_made", []) if failed_create else [])
         try:
             self.imaged.call("rootfs.remove", {"container_id": container_id}, idempotent=True)
         except NotFound:
@@ -456,8 +471,10 @@ class ShimDaemon:
         container_id = params.get("container_id", "")
         if not container_id:
             raise InvalidArgument("container_id must not be empty")
-        record = self.store.get(container_id)
-        self._stop(record, float(params.get("timeout") or 0))
+        record = self.store.find(container_id)
+        if record is None:
+            return {}  # StopContainer is idempotent, as RemoveContainer (CRI-O and containerd agree)
+        self._stop(record, clamp_timeout(float(params.get("timeout") or 0), MAX_STOP_TIMEOUT_SECONDS, "stop timeout"))
         return {}
 
     def _stop(self, record: dict[str, Any], timeout: float) -> None:
@@ -541,7 +558,7 @@ class ShimDaemon:
 
     def stop_all(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
         records = self._close(params.get("sandbox_id", ""))
-        timeout = float(params.get("timeout") or 0)
+        timeout = clamp_timeout(float(params.get("timeout") or 0), MAX_STOP_TIMEOUT_SECONDS, "stop timeout")
         self._each(records, lambda record: self._stop(record, timeout))
         return {"stopped": [record["id"] for record in records]}
 
@@ -663,11 +680,11 @@ class ShimDaemon:
         return record
 
     def exec_sync(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        # Checked before anything reaches the shim, which must never be
+        # handed a request it cannot take (common/exec_limits.py).
+        command = check_exec_command(list(params.get("cmd") or []))
+        timeout = clamp_timeout(float(params.get("timeout") or 0), MAX_EXEC_TIMEOUT_SECONDS, "exec timeout")
         record = self._running(params, "exec in")
-        command = list(params.get("cmd") or [])
-        if not command:
-            raise InvalidArgument("exec command must not be empty")
-        timeout = float(params.get("timeout") or 0)
         pid_file = str(self.store.directory(record["id"]) / f"exec-{new_id()[:16]}.pid")
         request = {"op": "exec", "cmd": command, "timeout": timeout, "pid_file": pid_file, "max_output": EXEC_OUTPUT_LIMIT}
         wait = (timeout + STOP_MARGIN_SECONDS) if timeout > 0 else max(call.remaining(), 1.0)
@@ -726,6 +743,7 @@ class ShimDaemon:
     def update_resources(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
         record = self._record(params)
         linux = params.get("linux") or {}
+        spec_validation.validate_resources(linux, "linux")
         with self.store.lock_for(record["id"]):
             state, _ = self.store.state(record)
             if state not in (CREATED, RUNNING):

@@ -67,6 +67,14 @@ DRAIN_SECONDS = 2.0
 # Extra time a stop waits for the exit after SIGKILL before it answers.
 KILL_GRACE_SECONDS = 10.0
 ATTACH_SEND_TIMEOUT = 5.0
+# A control request is one JSON line: shimd's exec requests are bounded
+# (common/exec_limits.py: 1 MiB of argv, which JSON escaping can make up to
+# six times longer); anything longer is refused unread.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+CONTROL_READ_SECONDS = 2.0
+# The longest single poll: deadlines further out (a week-long stop grace
+# period) are re-checked each time, and poll takes an int of milliseconds.
+MAX_POLL_MS = 3600 * 1000
 
 STREAM_STDOUT = b"\x02"
 STREAM_STDERR = b"\x03"
@@ -266,7 +274,10 @@ class Shim:
             for fd, _ in registered:
                 poller.unregister(fd)
             for fd, event in events:
-                self.dispatch(fd, event)
+                try:
+                    self.dispatch(fd, event)
+                except Exception as exc:  # the container's only supervisor must not end over one event
+                    os.write(2, f"shim: handling fd {fd}: {type(exc).__name__}: {exc}\n".encode())
             self.check_stop_deadlines()
         for fd in list(self.outputs):
             self.close_output(fd)
@@ -303,7 +314,7 @@ class Shim:
             deadlines.append(drain_until)
         if not deadlines:
             return -1
-        return max(0, int((min(deadlines) - now) * 1000) + 1)
+        return min(MAX_POLL_MS, max(0, int((min(deadlines) - now) * 1000) + 1))
 
     def dispatch(self, fd: int, event: int) -> None:
         if fd == self.wakeup_r:
@@ -531,17 +542,11 @@ class Shim:
 
     def accept_control(self) -> None:
         conn = accept(self.control)
-        conn.settimeout(2.0)
+        conn.settimeout(CONTROL_READ_SECONDS)
         try:
-            raw = b""
-            while not raw.endswith(b"\n") and len(raw) < 1 << 20:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                raw += chunk
-            request = compact_json.loads(raw)
-        except (OSError, ValueError):
-            conn.close()
+            request = self.read_request(conn)
+        except Exception as exc:  # whatever a client sent, the shim goes on
+            self.reply(conn, {"ok": False, "error": f"bad request: {type(exc).__name__}: {exc}"})
             return
         op = request.get("op")
         try:
@@ -565,6 +570,29 @@ class Shim:
                 self.reply(conn, {"ok": False, "error": f"unknown request {op!r}"})
         except Exception as exc:  # an odd request must not end the supervision
             self.reply(conn, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+    def read_request(self, conn: _socket.socket) -> dict[str, Any]:
+        """One JSON line of at most MAX_REQUEST_BYTES; ValueError otherwise."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if chunk.endswith(b"\n"):
+                break
+            if size > MAX_REQUEST_BYTES:
+                raise ValueError(f"request is over {MAX_REQUEST_BYTES} bytes")
+        raw = b"".join(chunks)
+        chunks.clear()
+        if size > READ_CHUNK:
+            self.output_since_trim = True  # a big request's pages go back once quiet
+        request = compact_json.loads(raw)
+        if not isinstance(request, dict):
+            raise ValueError("request is not a JSON object")
+        return request
 
     def handle_stop(self, conn: _socket.socket, request: dict[str, Any]) -> None:
         if self.exited:

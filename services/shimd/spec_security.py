@@ -1,20 +1,12 @@
-"""Security settings of a container: capabilities, seccomp, AppArmor and the
-masked and read-only /proc and /sys paths."""
+"""Security settings of a container: capabilities, AppArmor and the masked and
+read-only /proc and /sys paths (seccomp has its own module, spec_seccomp)."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidArgument
-from services.shimd.request_files import read_regular_file
-
-SECCOMP_DEFAULT_PROFILE = Path(__file__).with_name("seccomp_default.json")
-# The moby default profile is ~25 KB of JSON; a profile 40 times that is no
-# profile, and reading it unbounded let one request take the node's memory.
-MAX_SECCOMP_PROFILE_BYTES = 1 << 20
 
 # CRI SecurityProfile.ProfileType (seccomp and AppArmor share it).
 SECCOMP_RUNTIME_DEFAULT, SECCOMP_UNCONFINED, SECCOMP_LOCALHOST = 0, 1, 2
@@ -78,66 +70,6 @@ def capabilities(default: list[str], security: dict[str, Any]) -> list[str]:
             caps.append(cap)
     caps = [cap for cap in caps if cap not in drop]
     return caps
-
-
-def seccomp_profile(security: dict[str, Any], caps: list[str]) -> dict[str, Any] | None:
-    if security.get("privileged"):
-        return None
-    profile = security.get("seccomp")
-    if profile is not None:
-        kind = int(profile.get("profile_type", SECCOMP_RUNTIME_DEFAULT))
-        localhost = profile.get("localhost_ref", "")
-    else:
-        legacy = security.get("seccomp_profile_path", "")
-        if legacy in ("", "runtime/default", "docker/default"):
-            kind, localhost = SECCOMP_RUNTIME_DEFAULT, ""
-        elif legacy == "unconfined":
-            kind, localhost = SECCOMP_UNCONFINED, ""
-        elif legacy.startswith("localhost/"):
-            kind, localhost = SECCOMP_LOCALHOST, legacy[len("localhost/") :]
-        else:
-            raise InvalidArgument(f"unknown seccomp profile {legacy!r}")
-    if kind == SECCOMP_UNCONFINED:
-        return None
-    if kind == SECCOMP_LOCALHOST:
-        if not localhost or not os.path.isabs(localhost):
-            raise InvalidArgument(f"seccomp Localhost profile needs an absolute path, got {localhost!r}")
-        data = read_regular_file(localhost, MAX_SECCOMP_PROFILE_BYTES, "seccomp Localhost profile")
-        try:
-            raw = json.loads(data)
-        except ValueError as exc:
-            raise InvalidArgument(f"seccomp profile {localhost} is not valid JSON: {exc}") from None
-    else:
-        raw = json.loads(SECCOMP_DEFAULT_PROFILE.read_text())
-    return _profile_for(raw, caps)
-
-
-def _profile_for(raw: dict[str, Any], caps: list[str]) -> dict[str, Any]:
-    """An OCI seccomp object from a moby-style profile, for this container's caps."""
-    syscalls = []
-    for rule in raw.get("syscalls") or []:
-        excluded = (rule.get("excludes") or {}).get("caps") or []
-        included = (rule.get("includes") or {}).get("caps") or []
-        if excluded and any(cap in caps for cap in excluded):
-            continue
-        if included and not all(cap in caps for cap in included):
-            continue
-        names = rule.get("names") or ([rule["name"]] if rule.get("name") else [])
-        entry: dict[str, Any] = {"names": names, "action": rule["action"]}
-        for key in ("args", "errnoRet"):
-            if key in rule:
-                entry[key] = rule[key]
-        syscalls.append(entry)
-    result: dict[str, Any] = {"defaultAction": raw.get("defaultAction", "SCMP_ACT_ERRNO"), "syscalls": syscalls}
-    architectures = list(raw.get("architectures") or [])
-    for arch_map in raw.get("archMap") or []:
-        architectures.append(arch_map["architecture"])
-        architectures.extend(arch_map.get("subArchitectures") or [])
-    if architectures:
-        result["architectures"] = architectures
-    if "defaultErrnoRet" in raw:
-        result["defaultErrnoRet"] = raw["defaultErrnoRet"]
-    return result
 
 
 def apparmor_profile(security: dict[str, Any]) -> str:
