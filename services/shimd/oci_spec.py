@@ -25,9 +25,10 @@ from typing import Any
 from common.cgroups import CgroupManager, manager_for
 from common.config import Config
 from common.errors import InvalidArgument
+from common.runtime_features import handler_features
 from services.shimd.spec_mounts import (
-    DEFAULT_DEVICE_RULES, cri_mounts, device_entries, host_devices, make_image_volumes, standard_mounts,
-    termination_log_path, termination_message_path,
+    DEFAULT_DEVICE_RULES, cri_mounts, device_entries, host_devices, make_image_volumes, rootfs_propagation,
+    standard_mounts, termination_log_path, termination_message_path,
 )
 from services.shimd.spec_resources import cgroups_path, own_oom_score_adj
 from services.shimd.spec_security import (
@@ -166,7 +167,8 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
             process["apparmorProfile"] = profile
 
     files = sandbox.get("files") or {}
-    user_mounts = cri_mounts(cri)
+    features = handler_features(config.runtime_handler(sandbox.get("runtime_handler") or "").path)
+    user_mounts = cri_mounts(cri, features)
     user_destinations = {mount["destination"] for mount in user_mounts}
     mounts = [
         mount for mount in standard_mounts(privileged, files.get("shm", ""), config.runtime.shm_size)
@@ -196,6 +198,9 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
         "cgroupsPath": cgroups_path(config, cgroups, sandbox, inputs.container_id),
         "resources": cgroups.oci_resources(resources),
     }
+    propagation = rootfs_propagation(user_mounts)
+    if propagation:
+        oci_linux["rootfsPropagation"] = propagation
     if privileged:
         oci_linux["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
         oci_linux["devices"] = host_devices()

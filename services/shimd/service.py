@@ -38,6 +38,7 @@ from common.ids import new_id
 from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
 from common.cgroups import CgroupManager, manager_for
+from common.cgroups.parent_check import check_cgroup_parent
 from services.shimd import cgroup_leftovers, network_stats, oci_spec, spec_mounts, spec_resources, spec_validation
 from services.shimd.records import (
     CREATED,
@@ -248,8 +249,8 @@ class ShimDaemon:
         sandbox = self._sandbox(sandbox_id)
         if sandbox.get("state") not in SANDBOX_READY_STATES:
             raise FailedPrecondition(f"pod sandbox {sandbox['id'][:12]} is not ready: cannot create containers in it")
-        spec_validation.validate_cgroup_parent(spec_resources.pod_cgroup_parent(self.config, sandbox), self.cgroups,
-                                               self.config.runtime.cgroup_parent_root)
+        check_cgroup_parent(spec_resources.pod_cgroup_parent(self.config, sandbox), self.cgroups,
+                            self.config.runtime.cgroup_parent_root)
         handler_name = sandbox.get("runtime_handler") or ""
         handler = self.config.runtime_handler(handler_name)
         attempt = int(metadata.get("attempt", 0))
@@ -260,6 +261,7 @@ class ShimDaemon:
             if not log_directory:
                 raise InvalidArgument("log_path is set but the pod sandbox has no log_directory")
             log_path = os.path.normpath(os.path.join(log_directory, config["log_path"]))
+            spec_validation.validate_log_path(log_path)
         record: dict[str, Any] = {
             "id": container_id,
             "sandbox_id": sandbox["id"],

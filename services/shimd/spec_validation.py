@@ -12,10 +12,10 @@ sizes a process can be started with).
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
-from common.cgroups import CgroupManager
 from common.errors import InvalidArgument
 
 MIN_CPU_SHARES, MAX_CPU_SHARES = 2, 262144
@@ -137,16 +137,17 @@ def validate_process_size(args: list[str], env: list[str], whose: str) -> None:
         raise InvalidArgument(f"{whose} command and environment are {total} bytes together; at most {MAX_EXEC_BYTES} are allowed")
 
 
-def validate_cgroup_parent(parent: str, cgroups: CgroupManager, root: str) -> None:
-    """A pod's cgroup parent is a plain path (or slice) this driver takes,
-    inside `root` when one is configured (runtime.cgroup_parent_root)."""
-    field = "linux.cgroup_parent"
-    if any(char in parent for char in "\0\n\r") or len(parent) > 4096:
-        raise InvalidArgument(f"{field} must not contain NUL or line breaks (or pass 4096 bytes), got {parent[:200]!r}")
-    if any(part in (".", "..") for part in parent.replace("\\", "/").split("/")):
-        raise InvalidArgument(f"{field} must not contain '.' or '..' components, got {parent[:200]!r}")
-    cgroups.validate_parent(parent)
-    if root:
-        inside, top = cgroups.parent_cgroup(parent).rstrip("/"), cgroups.parent_cgroup(root).rstrip("/")
-        if inside != top and not inside.startswith(top + "/"):
-            raise InvalidArgument(f"{field} {parent[:200]!r} is outside {root!r}, the node's runtime.cgroup_parent_root")
+def validate_log_path(log_path: str) -> None:
+    """The shim appends the container's output to log_path: it must be a
+    regular file or not exist yet. A FIFO would block the shim's open, and a
+    device (log_directory /dev, log_path sda) would take the output onto it."""
+    try:
+        info = os.lstat(log_path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise InvalidArgument(f"log_path {log_path[:200]} cannot be used: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise InvalidArgument(f"log_path {log_path[:200]} (log_directory + log_path) is {kind}: "
+                              "container logs go only to a regular file or a new one")
