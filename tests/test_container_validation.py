@@ -14,6 +14,9 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
+from common.cgroups import CGROUPFS, CgroupManager, detect
+from common.cgroups.parent_check import check_cgroup_parent
+from common.errors import InvalidArgument
 from tests.fixtures_containers import Containers
 from tests.fixtures_pods import pod_config
 from tests.oci_images import push_busybox
@@ -105,21 +108,26 @@ def test_stop_container_of_unknown_id_succeeds(containers: Containers) -> None:
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.parametrize("parent", ["{root}/../escape", "{root}/a\nb", "{root}/nul\0byte"])
+@pytest.mark.parametrize("parent", ["{root}/../escape", "{root}/a\nb", "{root}/nul\0byte", "relative/parent"])
 def test_bad_cgroup_parent_is_refused_and_makes_no_cgroup(containers: Containers, parent: str) -> None:
     parent = parent.format(root=containers.stack.cgroup_parent)
     config = pod_config(log_directory=str(containers.log_root / f"cg-{uuid.uuid4().hex[:6]}"), cgroup_parent=parent)
-    try:
-        reply = containers.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config), timeout=120)
-    except grpc.RpcError as refused:  # refusing the pod itself is as good
-        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
-        return
-    containers.pod_ids.append(reply.pod_sandbox_id)
     with pytest.raises(grpc.RpcError) as caught:
-        containers.create((reply.pod_sandbox_id, config), containers.config("cg"))
+        reply = containers.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config), timeout=120)
+        containers.pod_ids.append(reply.pod_sandbox_id)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cgroup_parent" in caught.value.details()
     assert not any((hierarchy / "escape").exists() for hierarchy in _hierarchies())
-    assert not any((hierarchy / containers.stack.cgroup_parent.strip("/") / "escape").exists() for hierarchy in _hierarchies())
+    assert not any((hierarchy / "relative").exists() for hierarchy in _hierarchies())
+
+
+def test_cgroup_parent_must_stay_inside_the_configured_root() -> None:
+    manager = CgroupManager(detect(), CGROUPFS)
+    check_cgroup_parent("/kubepods/burstable/pod1", manager, "/kubepods")
+    check_cgroup_parent("/kubepods", manager, "/kubepods")
+    check_cgroup_parent("/anywhere", manager, "")
+    for outside in ("/kubepods2/pod1", "/system.slice", "/"):
+        with pytest.raises(InvalidArgument, match="outside"):
+            check_cgroup_parent(outside, manager, "/kubepods")
 
 
 def test_failed_runtime_create_removes_its_cgroups_and_parents(containers: Containers) -> None:

@@ -17,6 +17,8 @@ import time
 from typing import Any
 
 from common import mounts
+from common.cgroups import CgroupManager, manager_for
+from common.cgroups.parent_check import check_cgroup_parent
 from common.config import Config
 from common.errors import Internal, InvalidArgument, NotFound, PyrioError
 from common.ids import new_id
@@ -64,6 +66,13 @@ class SandboxManager:
         self.cni = CniRunner(config, self.state_dir / "cni")
         # PID holders started by this netd process, to reap them when stopped.
         self._holders: dict[int, Any] = {}
+        self._cgroup_manager: CgroupManager | None = None
+
+    def _cgroups(self) -> CgroupManager:
+        """The node's cgroup manager, made on first use (only to check pod cgroup parents)."""
+        if self._cgroup_manager is None:
+            self._cgroup_manager = manager_for(self.config.runtime.cgroup_manager)
+        return self._cgroup_manager
 
     # --- RunPodSandbox ----------------------------------------------------------
 
@@ -83,6 +92,8 @@ class SandboxManager:
         # InvalidArgument before anything exists.
         pod_files.validate_dns_config(config.get("dns_config"))
         pod_files.validate_log_directory(config.get("log_directory", ""))
+        check_cgroup_parent((config.get("linux") or {}).get("cgroup_parent") or self.config.runtime.cgroup_parent,
+                            self._cgroups(), self.config.runtime.cgroup_parent_root)
         hostname = config.get("hostname", "")
         if hostname:
             pod_files.validate_hostname(hostname)

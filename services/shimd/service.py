@@ -38,6 +38,7 @@ from common.ids import new_id
 from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
 from common.cgroups import CgroupManager, manager_for
+from common.cgroups.parent_check import check_cgroup_parent
 from services.shimd import cgroup_leftovers, network_stats, oci_spec, pod_resources, spec_mounts, spec_resources, spec_validation
 from services.shimd.records import (
     CREATED,
@@ -250,8 +251,8 @@ class ShimDaemon:
         sandbox = self._sandbox(sandbox_id)
         if sandbox.get("state") not in SANDBOX_READY_STATES:
             raise FailedPrecondition(f"pod sandbox {sandbox['id'][:12]} is not ready: cannot create containers in it")
-        spec_validation.validate_cgroup_parent(spec_resources.pod_cgroup_parent(self.config, sandbox), self.cgroups,
-                                               self.config.runtime.cgroup_parent_root)
+        check_cgroup_parent(spec_resources.pod_cgroup_parent(self.config, sandbox), self.cgroups,
+                            self.config.runtime.cgroup_parent_root)
         handler_name = sandbox.get("runtime_handler") or ""
         handler = self.config.runtime_handler(handler_name)
         attempt = int(metadata.get("attempt", 0))

@@ -16,7 +16,6 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from common.cgroups import CgroupManager
 from common.errors import InvalidArgument
 
 MIN_CPU_SHARES, MAX_CPU_SHARES = 2, 262144
@@ -136,21 +135,6 @@ def validate_process_size(args: list[str], env: list[str], whose: str) -> None:
             total += size
     if total > MAX_EXEC_BYTES:
         raise InvalidArgument(f"{whose} command and environment are {total} bytes together; at most {MAX_EXEC_BYTES} are allowed")
-
-
-def validate_cgroup_parent(parent: str, cgroups: CgroupManager, root: str) -> None:
-    """A pod's cgroup parent is a plain path (or slice) this driver takes,
-    inside `root` when one is configured (runtime.cgroup_parent_root)."""
-    field = "linux.cgroup_parent"
-    if any(char in parent for char in "\0\n\r") or len(parent) > 4096:
-        raise InvalidArgument(f"{field} must not contain NUL or line breaks (or pass 4096 bytes), got {parent[:200]!r}")
-    if any(part in (".", "..") for part in parent.replace("\\", "/").split("/")):
-        raise InvalidArgument(f"{field} must not contain '.' or '..' components, got {parent[:200]!r}")
-    cgroups.validate_parent(parent)
-    if root:
-        inside, top = cgroups.parent_cgroup(parent).rstrip("/"), cgroups.parent_cgroup(root).rstrip("/")
-        if inside != top and not inside.startswith(top + "/"):
-            raise InvalidArgument(f"{field} {parent[:200]!r} is outside {root!r}, the node's runtime.cgroup_parent_root")
 
 
 def validate_log_path(log_path: str) -> None:
