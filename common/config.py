@@ -58,6 +58,10 @@ class RuntimeSection:
     # Parent cgroup of pods whose config names none; empty means "/pyrio" with
     # cgroupfs and "pyrio.slice" with systemd.
     cgroup_parent: str = ""
+    # When set, every pod's cgroup parent must lie inside this cgroup (like
+    # "/kubepods" or "kubepods.slice"): a CRI client cannot place containers
+    # elsewhere in the node's cgroup tree. Empty: any parent is accepted.
+    cgroup_parent_root: str = ""
     # Clamp a requested oom_score_adj to the runtime's own, as containerd's
     # restrict_oom_score_adj does: without CAP_SYS_RESOURCE a lower value
     # makes runc fail.

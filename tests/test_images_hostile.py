@@ -194,3 +194,26 @@ def test_the_bounded_stack_still_pulls_ordinary_images(bounded_stack: Stack, hos
 def test_the_store_kept_nothing_of_the_refused_pulls(bounded_stack: Stack) -> None:
     assert tmp_entries(bounded_stack) == []
     assert not list(Path(bounded_stack.state_dir / "imaged" / "tmp").iterdir())
+
+
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        (File("bin/tool", b"x", 0o755, xattrs={"security.capability": "garbage"}),
+         "entry 'bin/tool' has an xattr 'security.capability' the kernel refuses (Invalid argument)"),
+        (File("a" * 5000, b"x"), "has a name component of 5000 bytes, more than the 255 a Linux file name may have"),
+        (File("/".join(["d" * 200] * 25), b"x"), "has a path of 5024 characters, too long to unpack"),
+    ],
+    ids=["malformed-capability", "5000-character-name", "5000-character-path"],
+)
+def test_an_entry_no_file_can_be_made_of_is_an_invalid_layer_and_leaves_nothing(
+    bounded_stack: Stack, hostile: HostileRegistry, entry: File, expected: str
+) -> None:
+    layer = Layer(tar_layer([File("etc/before", b"kept out"), entry]))
+    image = hostile.add_image(f"invalid/{abs(hash(expected))}", "v1", [layer])
+    code, message, growth = refused_pull(bounded_stack, image.reference)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in message and "refusing the layer" in message
+    assert len(message) < 1000  # the name is cut, not echoed whole
+    assert growth < GROWTH_SLACK
+    assert not (bounded_stack.state_dir / "imaged" / "layers" / layer.diff_id.split(":", 1)[1]).exists()

@@ -16,6 +16,7 @@ import pytest
 from cri_api.v1 import api_pb2
 
 from tests.fixtures_containers import Containers
+from tests.fixtures_pods import pod_config
 
 
 def _localhost_profile(path: str) -> api_pb2.LinuxContainerConfig:
@@ -72,3 +73,21 @@ def test_termination_message_file_that_is_a_fifo_does_not_block_status(container
     )
     status = containers.wait_exited(container_id)
     assert status.exit_code == 3 and status.message == ""
+
+
+def test_log_path_that_is_a_fifo_or_a_device_is_invalid_argument(containers: Containers, tmp_path: Path) -> None:
+    """The shim appends the container's output to log_directory/log_path: a
+    FIFO would block it, a device would receive the output."""
+    fifo_dir = tmp_path / "logs"
+    fifo_dir.mkdir()
+    os.mkfifo(fifo_dir / "c.log")
+    for directory, name in ((fifo_dir, "c.log"), (Path("/dev"), "null")):
+        config = pod_config(log_directory=str(directory))
+        reply = containers.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config), timeout=120)
+        containers.pod_ids.append(reply.pod_sandbox_id)
+        container = containers.config("logger", command=["echo", "hi"])
+        container.log_path = name
+        with pytest.raises(grpc.RpcError) as caught:
+            containers.create((reply.pod_sandbox_id, config), container)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        assert "log_path" in caught.value.details() and "not a regular file" in caught.value.details()

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
@@ -151,3 +152,19 @@ def test_seccomp_only_when_asked_for(containers: Containers) -> None:
     assert containers.output(unset) == "Seccomp:\t0"
     assert containers.output(legacy_default) == "Seccomp:\t2"
     assert containers.output(asked) == "Seccomp:\t2"
+
+
+def test_malformed_localhost_profiles_are_invalid_argument(containers: Containers, tmp_path: Path) -> None:
+    pod = containers.pod()
+    for index, text in enumerate(['[]', '{"syscalls": "all"}', '{"syscalls": [{"action": "SCMP_ACT_ALLOW"}]}',
+                                  '{"syscalls": [{"names": ["read"]}]}', '{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [7]}',
+                                  '{"defaultAction": "SCMP_ACT_ALOW"}', '{"syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 9, "op": "SCMP_CMP_EQ"}]}]}',
+                                  '{"syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 0, "op": "EQ"}]}]}']):
+        profile = tmp_path / f"bad{index}.json"
+        profile.write_text(text)
+        linux = _linux(api_pb2.SecurityProfile.Localhost)
+        linux.security_context.seccomp.localhost_ref = str(profile)
+        with pytest.raises(grpc.RpcError) as caught:
+            containers.create(pod, containers.config(f"bad{index}", linux=linux))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (text, caught.value.details())
+        assert "is not a valid seccomp profile" in caught.value.details()

@@ -4,13 +4,18 @@ cost crigw no thread each, and do not keep a real exec or port-forward out."""
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
 import time
 from urllib.parse import urlsplit
 
+import pytest
 from cri_api.v1 import api_pb2
 
 from common.config import StreamingSection
 from tests.fixtures_containers import Containers
+from tests.fixtures_streaming import start_local_streaming
 from tests.harness import wait_until
 from tests.slowloris import Slowloris, process_usage
 from tests.streaming_client import PortForwardSession, spdy_exec
@@ -73,3 +78,48 @@ def test_exec_sessions_leave_no_fds_in_crigw(containers: Containers) -> None:
     for _ in range(30):
         assert spdy_exec(exec_url(containers, container_id, ["true"])).exit_code == 0
     wait_until(lambda: process_usage(crigw).fds <= before.fds + 8, 10, what=f"crigw's fds back near {before.fds}")
+
+
+def _closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass  # a 408 first, then the end
+    except (TimeoutError, socket.timeout):
+        return False
+    except OSError:
+        pass  # reset: closed as well
+    return True
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificate")
+def test_head_deadline_covers_tls_handshake_and_oldest_waiting_is_evicted(streaming_target, tmp_path) -> None:
+    """The mechanism in small: a connection that never starts its TLS
+    handshake is closed at the head deadline; past the cap of waiting
+    connections the longest-waiting one goes; a real client gets through."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    streaming = start_local_streaming(
+        streaming_target, tls_cert_file=str(cert), tls_key_file=str(key), request_head_timeout=2.0, max_pending_connections=3
+    )
+    silent = []
+    try:
+        address = ("127.0.0.1", streaming.server.port)
+        silent = [socket.create_connection(address, timeout=10) for _ in range(3)]
+        time.sleep(0.3)  # all three accepted and waiting
+        fourth = socket.create_connection(address, timeout=10)
+        silent.append(fourth)
+        assert _closed_by_peer(silent[0], 5), "the longest-waiting connection was not closed past the cap"
+        assert spdy_exec(streaming.exec_url(["echo", "through"])).stdout == b"through\n"
+        # The others never sent a ClientHello: closed at the deadline, not before.
+        assert not _closed_by_peer(fourth, 0.5)
+        assert all(_closed_by_peer(sock, 10) for sock in silent[1:])
+    finally:
+        for sock in silent:
+            sock.close()
+        streaming.server.stop()

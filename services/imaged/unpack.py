@@ -45,6 +45,12 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+NAME_MAX = 255
+PATH_MAX = 4096
+SHOWN_NAME_CHARACTERS = 100
+# What the kernel answers for an entry no file can be made of (a name or
+# path too long, an xattr malformed or too big): the layer is wrong.
+INVALID_ENTRY_ERRNOS = (errno.ENAMETOOLONG, errno.EINVAL, errno.ERANGE, errno.E2BIG)
 # How often (in bytes of tar stream) an unpack looks at the free space left.
 SPACE_CHECK_BYTES = CHECK_EVERY_BYTES
 
@@ -112,15 +118,29 @@ def _decompressed(blob: BinaryIO) -> BinaryIO:
     return blob
 
 
+def shown(name: str) -> str:
+    """A layer entry's name for a message: cut, because a hostile one may be
+    megabytes long."""
+    if len(name) <= SHOWN_NAME_CHARACTERS:
+        return repr(name)
+    return f"{name[:SHOWN_NAME_CHARACTERS]!r}... ({len(name)} characters)"
+
+
 def clean_name(name: str, layer_digest: str) -> str:
     """The entry's path relative to the layer root ("" for the root itself)."""
     if name.startswith("/"):
-        raise UnsafeLayer(f"layer {layer_digest}: entry {name!r} has an absolute path; refusing the layer")
+        raise UnsafeLayer(f"layer {layer_digest}: entry {shown(name)} has an absolute path; refusing the layer")
     normalised = posixpath.normpath(name)
     if normalised == ".":
         return ""
     if normalised == ".." or normalised.startswith("../"):
-        raise UnsafeLayer(f"layer {layer_digest}: entry {name!r} points outside the layer; refusing the layer")
+        raise UnsafeLayer(f"layer {layer_digest}: entry {shown(name)} points outside the layer; refusing the layer")
+    longest = max(len(part.encode("utf-8", "surrogateescape")) for part in normalised.split("/"))
+    if longest > NAME_MAX:
+        raise InvalidLayer(
+            f"layer {layer_digest}: entry {shown(name)} has a name component of {longest} bytes, more than the "
+            f"{NAME_MAX} a Linux file name may have; refusing the layer"
+        )
     return normalised
 
 
@@ -152,7 +172,7 @@ class LayerExtractor:
                 continue
             if stat.S_ISLNK(info.st_mode):
                 raise UnsafeLayer(
-                    f"layer {self.layer_digest}: entry {entry_name!r} would be written through the symlink "
+                    f"layer {self.layer_digest}: entry {shown(entry_name)} would be written through the symlink "
                     f"{os.path.relpath(current, self.root)!r}; refusing the layer"
                 )
             if not stat.S_ISDIR(info.st_mode):
@@ -189,6 +209,11 @@ class LayerExtractor:
             try:
                 os.setxattr(path, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
             except OSError as exc:
+                if exc.errno in INVALID_ENTRY_ERRNOS:
+                    raise InvalidLayer(
+                        f"layer {self.layer_digest}: entry {shown(member.name)} has an xattr {shown(name)} the kernel "
+                        f"refuses ({exc.strerror}); refusing the layer"
+                    ) from None
                 if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
                     raise
                 log.warning("cannot set xattr %s on %s: %s", name, member.name, exc)
@@ -205,10 +230,29 @@ class LayerExtractor:
             return
         hidden = base[len(WHITEOUT_PREFIX):]
         if not hidden or hidden in (".", ".."):
-            raise UnsafeLayer(f"layer {self.layer_digest}: malformed whiteout {member.name!r}")
+            raise UnsafeLayer(f"layer {self.layer_digest}: malformed whiteout {shown(member.name)}")
         target = self._safe_parent(posixpath.join(parent_relative, hidden), member.name)
         self._remove(target)
         os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+    def extract_checked(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        """extract_member, with what the kernel refuses to make of the entry
+        told as the layer's fault (not a failure of the node)."""
+        clean_name(member.name, self.layer_digest)  # its own refusals first
+        if len(self.root) + 1 + len(member.name.encode("utf-8", "surrogateescape")) >= PATH_MAX:
+            raise InvalidLayer(
+                f"layer {self.layer_digest}: entry {shown(member.name)} has a path of {len(member.name)} characters, "
+                f"too long to unpack (PATH_MAX is {PATH_MAX} bytes); refusing the layer"
+            )
+        try:
+            self.extract_member(member, tar)
+        except OSError as exc:
+            if exc.errno not in INVALID_ENTRY_ERRNOS:
+                raise
+            raise InvalidLayer(
+                f"layer {self.layer_digest}: entry {shown(member.name)} cannot be unpacked ({exc.strerror}); "
+                "refusing the layer"
+            ) from None
 
     def extract_member(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         relative = clean_name(member.name, self.layer_digest)
@@ -242,11 +286,11 @@ class LayerExtractor:
         elif member.islnk():
             target_relative = clean_name(member.linkname, self.layer_digest)
             if not target_relative:
-                raise UnsafeLayer(f"layer {self.layer_digest}: hard link {member.name!r} points at the layer root")
+                raise UnsafeLayer(f"layer {self.layer_digest}: hard link {shown(member.name)} points at the layer root")
             target = self._safe_parent(target_relative, member.name)
             if not os.path.lexists(target):
                 raise UnsafeLayer(
-                    f"layer {self.layer_digest}: hard link {member.name!r} -> {member.linkname!r}: "
+                    f"layer {self.layer_digest}: hard link {shown(member.name)} -> {shown(member.linkname)}: "
                     "the target is not in this layer; refusing the layer"
                 )
             os.link(target, path, follow_symlinks=False)
@@ -267,14 +311,14 @@ class LayerExtractor:
         of zeros, which must cost no disk."""
         if member.size > self.max_bytes:
             raise LayerTooLarge(
-                f"layer {self.layer_digest}: sparse file {member.name!r} is {member.size} bytes, more than the "
+                f"layer {self.layer_digest}: sparse file {shown(member.name)} is {member.size} bytes, more than the "
                 f"{self.max_bytes} a layer may expand to (image.max_layer_size); refusing it, nothing was stored"
             )
         end = 0
         for offset, length in member.sparse or []:
             if offset < end or length < 0 or offset + length > member.size:
                 raise InvalidLayer(
-                    f"layer {self.layer_digest}: sparse file {member.name!r} has a malformed sparse map; "
+                    f"layer {self.layer_digest}: sparse file {shown(member.name)} has a malformed sparse map; "
                     "refusing the layer"
                 )
             end = offset + length
@@ -287,7 +331,7 @@ class LayerExtractor:
             while length > 0:
                 chunk = stream.read(min(length, CHUNK_BYTES))
                 if not chunk:
-                    raise InvalidLayer(f"layer {self.layer_digest}: sparse file {member.name!r} is truncated")
+                    raise InvalidLayer(f"layer {self.layer_digest}: sparse file {shown(member.name)} is truncated")
                 output.write(chunk)
                 length -= len(chunk)
         output.truncate(member.size)
@@ -308,7 +352,7 @@ def unpack_layer(blob_path: str, target_dir: str, layer_digest: str, limits: Unp
         try:
             with tarfile.open(fileobj=stream, mode="r|", errorlevel=2) as tar:  # type: ignore[call-overload]
                 for member in tar:
-                    extractor.extract_member(member, tar)
+                    extractor.extract_checked(member, tar)
             stream.drain()  # the tar's end padding counts in the diff id
         except (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError) as exc:
             if isinstance(exc, OSError) and exc.errno not in (None, 0) and not isinstance(exc, gzip.BadGzipFile):

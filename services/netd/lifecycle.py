@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from common import mounts
-from common.cgroups import manager_for
+from common.cgroups import CgroupManager, manager_for
+from common.cgroups.parent_check import check_cgroup_parent
 from common.config import Config
 from common.errors import Internal, InvalidArgument, NotFound, PyrioError
 from common.ids import new_id
@@ -63,7 +64,13 @@ class SandboxManager:
         self.run_dir = config.pyrio.run_dir
         self.store = SandboxStore(self.state_dir / "sandboxes")
         self.cni = CniRunner(config, self.state_dir / "cni")
-        self.cgroups = manager_for(config.runtime.cgroup_manager)
+        self._cgroup_manager: CgroupManager | None = None
+
+    def _cgroups(self) -> CgroupManager:
+        """The node's cgroup manager, made on first use (pod cgroup parents, the PID holder's cgroup)."""
+        if self._cgroup_manager is None:
+            self._cgroup_manager = manager_for(self.config.runtime.cgroup_manager)
+        return self._cgroup_manager
 
     # --- RunPodSandbox ----------------------------------------------------------
 
@@ -83,6 +90,8 @@ class SandboxManager:
         # InvalidArgument before anything exists.
         pod_files.validate_dns_config(config.get("dns_config"))
         pod_files.validate_log_directory(config.get("log_directory", ""))
+        check_cgroup_parent((config.get("linux") or {}).get("cgroup_parent") or self.config.runtime.cgroup_parent,
+                            self._cgroups(), self.config.runtime.cgroup_parent_root)
         hostname = config.get("hostname", "")
         if hostname:
             pod_files.validate_hostname(hostname)
@@ -159,7 +168,7 @@ class SandboxManager:
             self.store.save(record)
             # In the pod's cgroup, as a pause container would be: its memory
             # is the pod's, and it is not left in netd's (or the root) cgroup.
-            record["pid_holder_cgroup"] = self.cgroups.apply(
+            record["pid_holder_cgroup"] = self._cgroups().apply(
                 holder, record["cgroup_parent"], holder_cgroup_name(sandbox_id), f"pyrio PID 1 of pod {sandbox_id}"
             )
             self.store.save(record)
@@ -205,15 +214,15 @@ class SandboxManager:
             namespaces.stop_pid_holder(pid, record["id"])
         if record.get("pid_holder"):
             # Named before it is made: a netd killed in between still finds it.
-            self.cgroups.remove(record.get("pid_holder_cgroup") or self._holder_cgroup(record))
+            self._cgroups().remove(record.get("pid_holder_cgroup") or self._holder_cgroup(record))
 
     def _holder_cgroup(self, record: dict[str, Any]) -> str:
         """Where CgroupManager.apply puts the holder (a directory, or a scope with systemd)."""
         try:
-            parent = self.cgroups.parent_cgroup(record["cgroup_parent"])
+            parent = self._cgroups().parent_cgroup(record["cgroup_parent"])
         except InvalidArgument:
             return ""
-        suffix = ".scope" if self.cgroups.systemd else ""
+        suffix = ".scope" if self._cgroups().systemd else ""
         return f"{parent.rstrip('/')}/{holder_cgroup_name(record['id'])}{suffix}"
 
     def _discard(self, record: dict[str, Any]) -> None:

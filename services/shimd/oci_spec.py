@@ -25,9 +25,10 @@ from typing import Any
 from common.cgroups import CgroupManager, manager_for
 from common.config import Config
 from common.errors import InvalidArgument
+from common.runtime_features import handler_features
 from services.shimd.spec_mounts import (
-    DEFAULT_DEVICE_RULES, cri_mounts, device_entries, host_devices, make_image_volumes, standard_mounts,
-    termination_log_path, termination_message_path,
+    DEFAULT_DEVICE_RULES, cri_mounts, device_entries, host_devices, make_image_volumes, rootfs_propagation,
+    standard_mounts, termination_log_path, termination_message_path,
 )
 from services.shimd.spec_resources import cgroups_path, own_oom_score_adj
 from services.shimd.spec_security import (
@@ -35,6 +36,7 @@ from services.shimd.spec_security import (
 )
 from services.shimd.spec_seccomp import seccomp_profile
 from services.shimd.spec_users import resolve_user
+from services.shimd.spec_validation import validate_process_size
 
 # CRI NamespaceMode.
 NAMESPACE_POD, NAMESPACE_CONTAINER, NAMESPACE_NODE, NAMESPACE_TARGET = 0, 1, 2, 3
@@ -135,6 +137,9 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
 
     user = resolve_user(inputs.rootfs, security, image_config.get("User", ""))
     env = merge_env(image_config.get("Env") or [], cri.get("envs") or [])
+    args = process_args(cri, image_config)
+    # The image's Env and Cmd count too: 250,000 image Env entries once made runc create hang 60 s.
+    validate_process_size(args, env, "the container's (image and config)")
     if not any(entry.startswith("HOME=") for entry in env):
         env.append(f"HOME={user.home}")
     hostname = sandbox.get("hostname") or (inputs.sandbox_config.get("hostname") or "")
@@ -149,7 +154,7 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
     process: dict[str, Any] = {
         "terminal": bool(cri.get("tty")),
         "user": {"uid": user.uid, "gid": user.gid, "additionalGids": user.additional_gids},
-        "args": process_args(cri, image_config),
+        "args": args,
         "env": env,
         "cwd": cri.get("working_dir") or image_config.get("WorkingDir") or "/",
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
@@ -162,7 +167,8 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
             process["apparmorProfile"] = profile
 
     files = sandbox.get("files") or {}
-    user_mounts = cri_mounts(cri)
+    features = handler_features(config.runtime_handler(sandbox.get("runtime_handler") or "").path)
+    user_mounts = cri_mounts(cri, features)
     user_destinations = {mount["destination"] for mount in user_mounts}
     mounts = [
         mount for mount in standard_mounts(privileged, files.get("shm", ""), config.runtime.shm_size)
@@ -192,6 +198,9 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
         "cgroupsPath": cgroups_path(config, cgroups, sandbox, inputs.container_id),
         "resources": cgroups.oci_resources(resources),
     }
+    propagation = rootfs_propagation(user_mounts)
+    if propagation:
+        oci_linux["rootfsPropagation"] = propagation
     if privileged:
         oci_linux["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
         oci_linux["devices"] = host_devices()

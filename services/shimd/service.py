@@ -38,7 +38,8 @@ from common.ids import new_id
 from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
 from common.cgroups import CgroupManager, manager_for
-from services.shimd import network_stats, oci_spec, spec_mounts, spec_resources
+from common.cgroups.parent_check import check_cgroup_parent
+from services.shimd import cgroup_leftovers, network_stats, oci_spec, pod_resources, spec_mounts, spec_resources, spec_validation
 from services.shimd.records import (
     CREATED,
     EXITED,
@@ -154,6 +155,8 @@ class ShimDaemon:
             "exec_info", "resize",
         ):
             server.register(f"container.{verb}", getattr(self, verb))
+        server.register("sandbox.update_resources", self.update_sandbox_resources)
+        server.register("sandbox.stats", self.sandbox_stats)
 
     def _finish_interrupted(self) -> None:
         """Records left half-made or half-removed by a shimd that was killed."""
@@ -244,9 +247,12 @@ class ShimDaemon:
             raise InvalidArgument("container config must name an image (image.image)")
         if config.get("stdin_once") and not config.get("stdin"):
             raise InvalidArgument("stdin_once needs stdin")
+        spec_validation.validate_container_config(config)
         sandbox = self._sandbox(sandbox_id)
         if sandbox.get("state") not in SANDBOX_READY_STATES:
             raise FailedPrecondition(f"pod sandbox {sandbox['id'][:12]} is not ready: cannot create containers in it")
+        check_cgroup_parent(spec_resources.pod_cgroup_parent(self.config, sandbox), self.cgroups,
+                            self.config.runtime.cgroup_parent_root)
         handler_name = sandbox.get("runtime_handler") or ""
         handler = self.config.runtime_handler(handler_name)
         attempt = int(metadata.get("attempt", 0))
@@ -257,6 +263,7 @@ class ShimDaemon:
             if not log_directory:
                 raise InvalidArgument("log_path is set but the pod sandbox has no log_directory")
             log_path = os.path.normpath(os.path.join(log_directory, config["log_path"]))
+            spec_validation.validate_log_path(log_path)
         record: dict[str, Any] = {
             "id": container_id,
             "sandbox_id": sandbox["id"],
@@ -342,6 +349,9 @@ class ShimDaemon:
             self.cgroups,
         )
         cgroups_path = spec["linux"]["cgroupsPath"]
+        if not self.cgroups.systemd:
+            # Noted before runc runs: a create that fails removes the parents it made.
+            record["cgroup_parents_made"] = cgroup_leftovers.missing_parents(self.cgroups.cgroup_of(cgroups_path))
         stop_signal = config.get("stop_signal") or image_config.get("StopSignal") or ""
         termination = spec_mounts.termination_message_source(config, container_dir)
         record.update(
@@ -400,6 +410,7 @@ class ShimDaemon:
     def _destroy(self, record: dict[str, Any]) -> None:
         """Remove everything a container has (idempotent; each step may already be done)."""
         container_id = record["id"]
+        failed_create = record.get("phase") == PHASE_CREATING
         if record.get("phase") != PHASE_REMOVING:
             record["phase"] = PHASE_REMOVING
             self.store.save(record)
@@ -410,6 +421,11 @@ class ShimDaemon:
                 pass
         if record.get("runtime_path"):
             self._runtime(record, "delete", "--force", container_id, check=False)
+        if record.get("cgroups_path") and not self.cgroups.systemd:
+            # A create that failed before runc recorded the container left
+            # cgroups `runc delete` does not know about.
+            cgroup_leftovers.remove_leftovers(self.cgroups.cgroup_of(record["cgroups_path"]),
+                                              record.get("cgroup_parents_made", []) if failed_create else [])
         try:
             self.imaged.call("rootfs.remove", {"container_id": container_id}, idempotent=True)
         except NotFound:
@@ -457,7 +473,9 @@ class ShimDaemon:
         container_id = params.get("container_id", "")
         if not container_id:
             raise InvalidArgument("container_id must not be empty")
-        record = self.store.get(container_id)
+        record = self.store.find(container_id)
+        if record is None:
+            return {}  # StopContainer is idempotent, as RemoveContainer (CRI-O and containerd agree)
         self._stop(record, clamp_timeout(float(params.get("timeout") or 0), MAX_STOP_TIMEOUT_SECONDS, "stop timeout"))
         return {}
 
@@ -727,6 +745,7 @@ class ShimDaemon:
     def update_resources(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
         record = self._record(params)
         linux = params.get("linux") or {}
+        spec_validation.validate_resources(linux, "linux")
         with self.store.lock_for(record["id"]):
             state, _ = self.store.state(record)
             if state not in (CREATED, RUNNING):
@@ -739,6 +758,22 @@ class ShimDaemon:
             record["resources"] = merged
             self.store.save(record)
         return {}
+
+    def update_sandbox_resources(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        sandbox = self._sandbox(params.get("sandbox_id", ""))
+        limits = pod_resources.update(self.config, self.cgroups, sandbox, params.get("resources") or {},
+                                      params.get("overhead") or {})
+        log.info("pod resources updated", extra={"sandbox_id": sandbox["id"], "resources": limits})
+        return {}
+
+    def sandbox_stats(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        """sandbox id -> its own cgroup's figures, for the given {id, cgroup_parent} of netd's records."""
+        found = {}
+        for sandbox in params.get("sandboxes") or []:
+            figures = pod_resources.stats(self.config, self.cgroups, sandbox)
+            if figures:
+                found[sandbox["id"]] = figures
+        return found
 
     def _stats(self, record: dict[str, Any]) -> dict[str, Any]:
         stats: dict[str, Any] = {

@@ -10,12 +10,16 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from common.errors import InvalidArgument
+from common.errors import FailedPrecondition, InvalidArgument
+from common.mounts import mount_of
+from common.runtime_features import HandlerFeatures
 
 log = logging.getLogger("pyrio.shimd.spec")
 
 # CRI MountPropagation -> the OCI mount option.
-PROPAGATION_OPTIONS = {0: "rprivate", 1: "rslave", 2: "rshared"}
+PROPAGATION_PRIVATE, PROPAGATION_HOST_TO_CONTAINER, PROPAGATION_BIDIRECTIONAL = 0, 1, 2
+PROPAGATION_OPTIONS = {PROPAGATION_PRIVATE: "rprivate", PROPAGATION_HOST_TO_CONTAINER: "rslave",
+                       PROPAGATION_BIDIRECTIONAL: "rshared"}
 
 # The devices every container gets (runc's defaults), as OCI device entries.
 DEFAULT_DEVICE_RULES = [
@@ -51,7 +55,9 @@ def standard_mounts(privileged: bool, shm_path: str, shm_size: int) -> list[dict
     return mounts
 
 
-def cri_mounts(config: dict[str, Any]) -> list[dict[str, Any]]:
+def cri_mounts(config: dict[str, Any], features: HandlerFeatures) -> list[dict[str, Any]]:
+    """The config's volumes as OCI bind mounts, each checked against the
+    host (propagation) and the handler (recursive read-only)."""
     mounts = []
     for mount in config.get("mounts") or []:
         destination = mount.get("container_path", "")
@@ -69,9 +75,61 @@ def cri_mounts(config: dict[str, Any]) -> list[dict[str, Any]]:
         propagation = int(mount.get("propagation", 0))
         if propagation not in PROPAGATION_OPTIONS:
             raise InvalidArgument(f"unknown mount propagation {propagation}")
+        source = os.path.realpath(source)
+        if mount.get("recursive_read_only"):
+            _check_recursive_read_only(mount, destination, features)
+        _check_host_propagation(source, destination, propagation)
         options = ["rbind", PROPAGATION_OPTIONS[propagation], "ro" if mount.get("readonly") else "rw"]
-        mounts.append({"destination": destination, "type": "bind", "source": os.path.realpath(source), "options": options})
+        if mount.get("recursive_read_only"):
+            options.append("rro")
+        mounts.append({"destination": destination, "type": "bind", "source": source, "options": options})
     return mounts
+
+
+def _check_host_propagation(source: str, destination: str, propagation: int) -> None:
+    """As CRI-O: Bidirectional needs the host path on a shared mount (else the
+    container's mounts could not reach the host), HostToContainer on a shared
+    or slave one (else the host's could not reach the container)."""
+    if propagation == PROPAGATION_PRIVATE:
+        return
+    host_mount = mount_of(source)
+    if propagation == PROPAGATION_BIDIRECTIONAL and not host_mount.shared:
+        raise FailedPrecondition(
+            f"mount {source} -> {destination} asks for Bidirectional propagation but {source} is on mount "
+            f"{host_mount.mount_point}, which is not a shared mount (make it one: mount --make-rshared "
+            f"{host_mount.mount_point})"
+        )
+    if propagation == PROPAGATION_HOST_TO_CONTAINER and not (host_mount.shared or host_mount.slave):
+        raise FailedPrecondition(
+            f"mount {source} -> {destination} asks for HostToContainer propagation but {source} is on mount "
+            f"{host_mount.mount_point}, which is neither a shared nor a slave mount (make it one: mount "
+            f"--make-rshared {host_mount.mount_point})"
+        )
+
+
+def _check_recursive_read_only(mount: dict[str, Any], destination: str, features: HandlerFeatures) -> None:
+    # The CRI comments' rules for recursive_read_only.
+    if not mount.get("readonly"):
+        raise InvalidArgument(f"mount {destination}: recursive_read_only needs readonly to be true as well")
+    if int(mount.get("propagation", 0)) != PROPAGATION_PRIVATE:
+        raise InvalidArgument(f"mount {destination}: recursive_read_only needs private propagation (PROPAGATION_PRIVATE)")
+    if not features.recursive_read_only_mounts:
+        raise InvalidArgument(
+            f"mount {destination}: recursive_read_only is not supported by this runtime handler "
+            "(its runtime lacks the rro mount option or the kernel mount_setattr; see Status runtime_handlers)"
+        )
+
+
+def rootfs_propagation(mounts: list[dict[str, Any]]) -> str:
+    """linux.rootfsPropagation a container's mounts need ("" for the
+    runtime's default): rshared for a Bidirectional one, rslave for a
+    HostToContainer one, as containerd and CRI-O set it."""
+    options = {option for mount in mounts for option in mount.get("options") or []}
+    if "rshared" in options:
+        return "rshared"
+    if "rslave" in options:
+        return "rslave"
+    return ""
 
 
 def device_entries(config: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

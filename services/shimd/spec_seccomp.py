@@ -22,6 +22,12 @@ SECCOMP_DEFAULT_PROFILE = Path(__file__).with_name("seccomp_default.json")
 # profile, and reading it unbounded let one request take the node's memory.
 MAX_SECCOMP_PROFILE_BYTES = 1 << 20
 
+# What runc's libseccomp takes (OCI runtime spec, config-linux.md#seccomp):
+# anything else would fail deep inside `runc create`.
+ACTIONS = {"SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_TRAP", "SCMP_ACT_ERRNO",
+           "SCMP_ACT_TRACE", "SCMP_ACT_ALLOW", "SCMP_ACT_LOG"}
+OPERATORS = {"SCMP_CMP_NE", "SCMP_CMP_LT", "SCMP_CMP_LE", "SCMP_CMP_EQ", "SCMP_CMP_GE", "SCMP_CMP_GT", "SCMP_CMP_MASKED_EQ"}
+
 # uname machine -> (libseccomp's name, moby's Go-arch name used by includes/excludes.arches)
 _ARCHES = {
     "x86_64": ("SCMP_ARCH_X86_64", "amd64"), "aarch64": ("SCMP_ARCH_AARCH64", "arm64"),
@@ -94,14 +100,17 @@ def profile_for(raw: dict[str, Any], caps: list[str], machine: str = "", kernel:
         names = rule.get("names") or ([rule["name"]] if rule.get("name") else [])
         if not names or not all(isinstance(name, str) for name in names):
             raise ValueError(f"a rule has no syscall names: {json.dumps(rule)[:200]}")
-        entry: dict[str, Any] = {"names": list(names), "action": str(rule["action"])}
+        entry: dict[str, Any] = {"names": list(names), "action": _known(str(rule["action"]), ACTIONS, "action")}
         if rule.get("args"):
-            entry["args"] = [dict(arg) for arg in rule["args"]]
+            entry["args"] = [_argument(arg) for arg in rule["args"]]
         if "errnoRet" in rule:
             entry["errnoRet"] = int(rule["errnoRet"])
         syscalls.append(entry)
-    result: dict[str, Any] = {"defaultAction": str(raw.get("defaultAction", "SCMP_ACT_ERRNO")), "syscalls": syscalls}
+    default_action = _known(str(raw.get("defaultAction", "SCMP_ACT_ERRNO")), ACTIONS, "defaultAction")
+    result: dict[str, Any] = {"defaultAction": default_action, "syscalls": syscalls}
     architectures = [str(arch) for arch in raw.get("architectures") or []]
+    if any(not arch.startswith("SCMP_ARCH_") for arch in architectures):
+        raise ValueError(f"architectures must be SCMP_ARCH_* names, got {architectures[:8]}")
     for arch_map in raw.get("archMap") or []:
         if arch_map["architecture"] == native:
             architectures.append(native)
@@ -110,6 +119,24 @@ def profile_for(raw: dict[str, Any], caps: list[str], machine: str = "", kernel:
         result["architectures"] = architectures
     if "defaultErrnoRet" in raw:
         result["defaultErrnoRet"] = int(raw["defaultErrnoRet"])
+    return result
+
+
+def _known(value: str, allowed: set[str], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value[:60]!r} (one of {', '.join(sorted(allowed))})")
+    return value
+
+
+def _argument(arg: dict[str, Any]) -> dict[str, Any]:
+    """One syscall argument comparison, with the integer ranges the kernel filter takes."""
+    result = {"index": int(arg["index"]), "value": int(arg.get("value", 0)), "valueTwo": int(arg.get("valueTwo", 0)),
+              "op": _known(str(arg["op"]), OPERATORS, "op")}
+    if not 0 <= result["index"] <= 5:
+        raise ValueError(f"argument index must be 0-5, got {result['index']}")
+    for key in ("value", "valueTwo"):
+        if not 0 <= result[key] < 1 << 64:
+            raise ValueError(f"argument {key} must fit 64 unsigned bits, got {result[key]}")
     return result
 
 

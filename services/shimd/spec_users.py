@@ -10,6 +10,9 @@ from typing import Any
 from common.errors import InvalidArgument
 from services.shimd.request_files import read_regular_file
 
+# CRI SupplementalGroupsPolicy.
+SUPPLEMENTAL_GROUPS_MERGE, SUPPLEMENTAL_GROUPS_STRICT = 0, 1
+
 # An image's /etc/passwd or /etc/group past this is hostile, not a user list.
 MAX_USER_DB_BYTES = 4 << 20
 
@@ -93,8 +96,13 @@ def resolve_user(rootfs: str, security: dict[str, Any], image_user: str) -> User
     else:
         gid = int(entry[3]) if entry is not None and entry[3].isdigit() else 0
     name = entry[0] if entry is not None else ""
+    policy = int(security.get("supplemental_groups_policy", SUPPLEMENTAL_GROUPS_MERGE))
+    if policy not in (SUPPLEMENTAL_GROUPS_MERGE, SUPPLEMENTAL_GROUPS_STRICT):
+        raise InvalidArgument(f"unknown supplemental_groups_policy {policy} (Merge is 0, Strict is 1)")
     additional: list[int] = []
-    if name:
+    # Strict: only the primary group and the config's supplemental groups
+    # (the kubelet adds fsGroup to them), never what the image's /etc/group says.
+    if name and policy == SUPPLEMENTAL_GROUPS_MERGE:
         for row in groups:
             members = row[3].split(",") if len(row) > 3 else []
             if name in members and row[2].isdigit():
