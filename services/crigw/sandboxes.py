@@ -129,3 +129,17 @@ def list_pod_sandbox(gateway: Gateway, request: api_pb2.ListPodSandboxRequest) -
     return api_pb2.ListPodSandboxResponse(
         items=[dict_to_message(_sandbox_dict(record), api_pb2.PodSandbox) for record in records]
     )
+
+
+@cri_handler("UpdatePodSandboxResources")
+def update_pod_sandbox_resources(
+    gateway: Gateway, request: api_pb2.UpdatePodSandboxResourcesRequest
+) -> api_pb2.UpdatePodSandboxResourcesResponse:
+    # shimd writes them into the pod's own cgroup (its linux.cgroup_parent).
+    gateway.shimd.call(
+        "sandbox.update_resources",
+        {"sandbox_id": request.pod_sandbox_id, "resources": message_to_dict(request.resources),
+         "overhead": message_to_dict(request.overhead)},
+        idempotent=True,
+    )
+    return api_pb2.UpdatePodSandboxResourcesResponse()

@@ -39,7 +39,7 @@ from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
 from common.cgroups import CgroupManager, manager_for
 from common.cgroups.parent_check import check_cgroup_parent
-from services.shimd import cgroup_leftovers, network_stats, oci_spec, spec_mounts, spec_resources, spec_validation
+from services.shimd import cgroup_leftovers, network_stats, oci_spec, pod_resources, spec_mounts, spec_resources, spec_validation
 from services.shimd.records import (
     CREATED,
     EXITED,
@@ -155,6 +155,8 @@ class ShimDaemon:
             "exec_info", "resize",
         ):
             server.register(f"container.{verb}", getattr(self, verb))
+        server.register("sandbox.update_resources", self.update_sandbox_resources)
+        server.register("sandbox.stats", self.sandbox_stats)
 
     def _finish_interrupted(self) -> None:
         """Records left half-made or half-removed by a shimd that was killed."""
@@ -756,6 +758,22 @@ class ShimDaemon:
             record["resources"] = merged
             self.store.save(record)
         return {}
+
+    def update_sandbox_resources(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        sandbox = self._sandbox(params.get("sandbox_id", ""))
+        limits = pod_resources.update(self.config, self.cgroups, sandbox, params.get("resources") or {},
+                                      params.get("overhead") or {})
+        log.info("pod resources updated", extra={"sandbox_id": sandbox["id"], "resources": limits})
+        return {}
+
+    def sandbox_stats(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        """sandbox id -> its own cgroup's figures, for the given {id, cgroup_parent} of netd's records."""
+        found = {}
+        for sandbox in params.get("sandboxes") or []:
+            figures = pod_resources.stats(self.config, self.cgroups, sandbox)
+            if figures:
+                found[sandbox["id"]] = figures
+        return found
 
     def _stats(self, record: dict[str, Any]) -> dict[str, Any]:
         stats: dict[str, Any] = {
