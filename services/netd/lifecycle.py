@@ -64,12 +64,10 @@ class SandboxManager:
         self.run_dir = config.pyrio.run_dir
         self.store = SandboxStore(self.state_dir / "sandboxes")
         self.cni = CniRunner(config, self.state_dir / "cni")
-        # PID holders started by this netd process, to reap them when stopped.
-        self._holders: dict[int, Any] = {}
         self._cgroup_manager: CgroupManager | None = None
 
     def _cgroups(self) -> CgroupManager:
-        """The node's cgroup manager, made on first use (only to check pod cgroup parents)."""
+        """The node's cgroup manager, made on first use (pod cgroup parents, the PID holder's cgroup)."""
         if self._cgroup_manager is None:
             self._cgroup_manager = manager_for(self.config.runtime.cgroup_manager)
         return self._cgroup_manager
@@ -166,8 +164,13 @@ class SandboxManager:
         namespaces.pin_namespaces(pins, record["hostname"] if "uts" in pins else "", pod_sysctls)
         if record["namespaces"]["pid"]:
             holder = namespaces.start_pid_holder(record["namespaces"]["pid"], sandbox_id)
-            self._holders[holder.pid] = holder
-            record["pid_holder"] = holder.pid
+            record["pid_holder"] = holder
+            self.store.save(record)
+            # In the pod's cgroup, as a pause container would be: its memory
+            # is the pod's, and it is not left in netd's (or the root) cgroup.
+            record["pid_holder_cgroup"] = self._cgroups().apply(
+                holder, record["cgroup_parent"], holder_cgroup_name(sandbox_id), f"pyrio PID 1 of pod {sandbox_id}"
+            )
             self.store.save(record)
         if network is not None:
             result = self.cni.add(
@@ -208,7 +211,19 @@ class SandboxManager:
             # Killed between starting the holder and saving its pid: find it.
             pids = [pid for pid in _all_pids() if namespaces.is_pid_holder(pid, record["id"])]
         for pid in pids:
-            namespaces.stop_pid_holder(pid, record["id"], self._holders)
+            namespaces.stop_pid_holder(pid, record["id"])
+        if record.get("pid_holder"):
+            # Named before it is made: a netd killed in between still finds it.
+            self._cgroups().remove(record.get("pid_holder_cgroup") or self._holder_cgroup(record))
+
+    def _holder_cgroup(self, record: dict[str, Any]) -> str:
+        """Where CgroupManager.apply puts the holder (a directory, or a scope with systemd)."""
+        try:
+            parent = self._cgroups().parent_cgroup(record["cgroup_parent"])
+        except InvalidArgument:
+            return ""
+        suffix = ".scope" if self._cgroups().systemd else ""
+        return f"{parent.rstrip('/')}/{holder_cgroup_name(record['id'])}{suffix}"
 
     def _discard(self, record: dict[str, Any]) -> None:
         """Undo a run that failed or was interrupted, then forget it.
@@ -292,13 +307,23 @@ class SandboxManager:
             self.cni.check(sandbox_id)
 
 
+def holder_cgroup_name(sandbox_id: str) -> str:
+    return f"pyrio-pod-{sandbox_id}"
+
+
 def _current(record: dict[str, Any]) -> dict[str, Any]:
     """The record as it stands now: a ready pod whose network namespace pin
-    vanished (the run dir was wiped under a running netd) is not ready."""
-    if record["state"] == READY and record["namespaces"]["network"] and not os.path.exists(
-        record["namespaces"]["network"]
+    vanished (the run dir was wiped under a running netd), or whose PID 1 is
+    gone (killed from the node: nothing in the pod can), is not ready."""
+    if record["state"] != READY:
+        return record
+    if record["namespaces"]["network"] and not os.path.exists(record["namespaces"]["network"]):
+        record["state"] = NOTREADY
+    elif record["namespace_options"]["pid"] == "POD" and not namespaces.is_pid_holder(
+        int(record.get("pid_holder") or 0), record["id"]
     ):
         record["state"] = NOTREADY
+        namespaces.reap(int(record.get("pid_holder") or 0))
     return record
 
 
