@@ -19,7 +19,7 @@ from cri_api.v1 import api_pb2
 
 from common.errors import Unimplemented
 from services.crigw.gateway import Gateway
-from services.crigw.handlers import HANDLERS, set_call_deadline
+from services.crigw.handlers import HANDLERS, set_call
 from services.crigw.request_limits import check_request_limits
 from services.crigw.status import serve_cri_call
 
@@ -84,7 +84,7 @@ def _method_handler(gateway: Gateway, method: Any) -> grpc.RpcMethodHandler:
     handler = HANDLERS.get(name, _unimplemented(name))
 
     def checked(request: Any, context: Any) -> Any:
-        set_call_deadline(context.time_remaining())
+        set_call(context)
         check_request_limits(request)
         return handler(gateway, request)
 

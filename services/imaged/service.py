@@ -69,6 +69,7 @@ class ImageDaemon:
     def register(self, server: RpcServer) -> None:
         for method, handler in (
             ("image.pull", self.pull),
+            ("image.pull_abandon", self.pull_abandon),
             ("image.status", self.status),
             ("image.list", self.list),
             ("image.remove", self.remove),
@@ -161,8 +162,12 @@ class ImageDaemon:
         if not image.strip():
             raise InvalidArgument("image must not be empty")
         # The caller's deadline: past it nobody can use what a download brings.
-        record = self.puller.pull(image, params.get("auth"), call.deadline)
+        record = self.puller.pull(image, params.get("auth"), call.deadline, str(params.get("waiter") or ""))
         return {"image_ref": record["id"]}
+
+    def pull_abandon(self, params: dict[str, Any], _call: CallContext) -> dict[str, Any]:
+        """The caller of a pull went away (crigw saw its gRPC call cancelled)."""
+        return {"abandoned": self.puller.abandon(str(params.get("waiter") or ""))}
 
     def status(self, params: dict[str, Any], _call: CallContext) -> dict[str, Any]:
         record, _ = self.find_image(str(params.get("image") or ""))
