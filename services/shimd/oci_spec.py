@@ -18,7 +18,7 @@ common.cgroups manager).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class SpecInputs:
     rootfs: str
     container_dir: Path  # shimd's directory for this container (termination log)
     image_name: str = ""
+    image_volumes: list[str] = field(default_factory=list)  # imaged's mounts of the config's image volumes
 
 
 # --- command and env ----------------------------------------------------------
@@ -168,7 +169,7 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
 
     files = sandbox.get("files") or {}
     features = handler_features(config.runtime_handler(sandbox.get("runtime_handler") or "").path)
-    user_mounts = cri_mounts(cri, features)
+    user_mounts = cri_mounts(cri, features, inputs.image_volumes)
     user_destinations = {mount["destination"] for mount in user_mounts}
     mounts = [
         mount for mount in standard_mounts(privileged, files.get("shm", ""), config.runtime.shm_size)

@@ -323,7 +323,8 @@ class ShimDaemon:
         config = record["config"]
         prepared = self.imaged.call(
             "rootfs.prepare",
-            {"container_id": container_id, "image": record["image"].get("image", "")},
+            {"container_id": container_id, "image": record["image"].get("image", ""),
+             "image_volumes": spec_mounts.image_volume_images(config)},
             timeout=max(call.remaining(), 5.0),
         )
         record.update(
@@ -345,6 +346,7 @@ class ShimDaemon:
                 rootfs=prepared["rootfs"],
                 container_dir=container_dir,
                 image_name=prepared.get("image_name", ""),
+                image_volumes=prepared.get("image_volumes") or [],
             ),
             self.cgroups,
         )
