@@ -51,9 +51,17 @@ class RuntimeHandler:
 @dataclass
 class RuntimeSection:
     default_runtime: str = "runc"
+    # "cgroupfs" (pyrio and the runtime write the cgroup tree) or "systemd"
+    # (containers and shims in transient scopes, pod parents are slices; needs
+    # systemd as PID 1, as the kubelet's cgroupDriver: systemd does).
     cgroup_manager: str = "cgroupfs"
-    # Parent cgroup of pods whose config names none.
-    cgroup_parent: str = "/pyrio"
+    # Parent cgroup of pods whose config names none; empty means "/pyrio" with
+    # cgroupfs and "pyrio.slice" with systemd.
+    cgroup_parent: str = ""
+    # When set, every pod's cgroup parent must lie inside this cgroup (like
+    # "/kubepods" or "kubepods.slice"): a CRI client cannot place containers
+    # elsewhere in the node's cgroup tree. Empty: any parent is accepted.
+    cgroup_parent_root: str = ""
     # Clamp a requested oom_score_adj to the runtime's own, as containerd's
     # restrict_oom_score_adj does: without CAP_SYS_RESOURCE a lower value
     # makes runc fail.
@@ -75,11 +83,14 @@ class RuntimeSection:
     shm_size: int = 64 * 1024 * 1024
     # Seconds a shim waits for `runc create` before giving up.
     create_timeout: float = 60.0
-    # Pod sysctls allowed beyond Kubernetes' safe set, like the kubelet's
-    # --allowed-unsafe-sysctls: exact names or prefixes ending in "*"
-    # ("net.core.*"). Only namespaced ones can be allowed (net.*, kernel.shm*,
-    # kernel.msg*, kernel.sem, fs.mqueue.*); a node-wide knob never is.
-    allowed_unsafe_sysctls: list[str] = field(default_factory=list)
+    # An optional restriction of pod sysctls on top of the kubelet's (which
+    # is the policy point: its --allowed-unsafe-sysctls): the names, or
+    # prefixes ending in "*", allowed beyond Kubernetes' safe set. The default
+    # "*" restricts nothing: every namespaced sysctl the kubelet sends is
+    # applied (net.*, kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*), as
+    # containerd and CRI-O do; [] allows the safe set only. A node-wide
+    # sysctl is never applied.
+    allowed_unsafe_sysctls: list[str] = field(default_factory=lambda: ["*"])
     runtimes: dict[str, RuntimeHandler] = field(
         default_factory=lambda: {
             "runc": RuntimeHandler(path="/usr/sbin/runc"),
@@ -104,7 +115,22 @@ class ImageSection:
     max_concurrent_downloads: int = 3
     # A download that makes no progress for this many seconds fails.
     pull_progress_timeout: float = 60.0
+    # A download slower than this many bytes/s, averaged over each
+    # download_rate_window seconds, fails (a registry dribbling bytes never
+    # trips pull_progress_timeout); 0 turns the floor off.
+    min_download_rate: int = 1024
+    download_rate_window: float = 60.0
+    # Downloads one registry may run at once, so a slow one cannot hold every
+    # slot; 0 means all of max_concurrent_downloads but one (at least one).
+    max_downloads_per_registry: int = 0
     registries: dict[str, RegistryConfig] = field(default_factory=dict)
+    # Most bytes one layer may expand to (its uncompressed tar, sparse files
+    # by their apparent size) and its blob may declare: a bigger layer, a
+    # decompression bomb, is refused.
+    max_layer_size: int = 16 << 30
+    # Bytes kept free on the store's filesystem: a pull that would go below
+    # is refused (RESOURCE_EXHAUSTED), so the kubelet's eviction still works.
+    free_space_reserve: int = 1 << 30
     # Images reported pinned to the kubelet (never garbage collected), as
     # CRI-O's pinned_images: exact references, or a prefix ending in "*".
     pinned_images: list[str] = field(default_factory=list)
@@ -130,6 +156,12 @@ class StreamingSection:
     # Seconds a stream may stay idle before it is closed.
     stream_idle_timeout: float = 4 * 3600.0
     max_concurrent_streams: int = 64
+    # Seconds a new connection has to send its whole request head (TLS
+    # handshake included) before it is closed, and how many connections may
+    # wait for theirs at once (past that the longest-waiting one is closed):
+    # slow clients cost no thread and cannot crowd out real ones.
+    request_head_timeout: float = 10.0
+    max_pending_connections: int = 128
 
 
 @dataclass
@@ -167,6 +199,8 @@ class Config:
             self.pyrio.socket = str(run_dir / "pyrio.sock")
         if not self.image.store_dir:
             self.image.store_dir = str(self.service_state_dir("imaged"))
+        if not self.runtime.cgroup_parent:
+            self.runtime.cgroup_parent = "pyrio.slice" if self.runtime.cgroup_manager == "systemd" else "/pyrio"
         for name, handler in self.runtime.runtimes.items():
             if not handler.root:
                 handler.root = str(run_dir / "runtimes" / name)
@@ -232,8 +266,15 @@ def _validate(config: Config, source: str) -> None:
         int(config.pyrio.socket_mode, 8)
     except ValueError:
         raise ConfigError(f"{source}: pyrio.socket_mode must be an octal mode like \"0660\"") from None
-    if config.runtime.cgroup_manager != "cgroupfs":
-        raise ConfigError(f"{source}: runtime.cgroup_manager must be \"cgroupfs\" (the only driver pyrio has)")
+    if config.runtime.cgroup_manager not in ("cgroupfs", "systemd"):
+        raise ConfigError(f"{source}: runtime.cgroup_manager must be \"cgroupfs\" or \"systemd\"")
+    parent = config.runtime.cgroup_parent
+    if parent and config.runtime.cgroup_manager == "systemd" and not parent.endswith(".slice"):
+        raise ConfigError(f"{source}: runtime.cgroup_parent {parent!r} must be a systemd slice name (like pyrio.slice) "
+                          "with runtime.cgroup_manager = \"systemd\"")
+    if parent and config.runtime.cgroup_manager == "cgroupfs" and not parent.startswith("/"):
+        raise ConfigError(f"{source}: runtime.cgroup_parent {parent!r} must be an absolute cgroup path (like /pyrio) "
+                          "with runtime.cgroup_manager = \"cgroupfs\"")
     if config.runtime.default_runtime not in config.runtime.runtimes:
         raise ConfigError(
             f"{source}: runtime.default_runtime {config.runtime.default_runtime!r} "
@@ -244,15 +285,24 @@ def _validate(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: pyrio.{name} must be positive")
     if config.image.max_concurrent_downloads < 1:
         raise ConfigError(f"{source}: image.max_concurrent_downloads must be at least 1")
+    if config.image.min_download_rate < 0 or config.image.max_downloads_per_registry < 0:
+        raise ConfigError(f"{source}: image.min_download_rate and image.max_downloads_per_registry must not be negative")
+    if config.image.download_rate_window <= 0:
+        raise ConfigError(f"{source}: image.download_rate_window must be positive")
+    if config.image.max_layer_size < 1:
+        raise ConfigError(f"{source}: image.max_layer_size must be at least 1")
+    if config.image.free_space_reserve < 0:
+        raise ConfigError(f"{source}: image.free_space_reserve must not be negative")
     if config.image.pull_progress_timeout <= 0:
         raise ConfigError(f"{source}: image.pull_progress_timeout must be positive")
     if not 0 <= config.streaming.port <= 65535:
         raise ConfigError(f"{source}: streaming.port must be between 0 and 65535")
-    for name in ("token_ttl", "stream_idle_timeout"):
+    for name in ("token_ttl", "stream_idle_timeout", "request_head_timeout"):
         if getattr(config.streaming, name) <= 0:
             raise ConfigError(f"{source}: streaming.{name} must be positive")
-    if config.streaming.max_concurrent_streams < 1:
-        raise ConfigError(f"{source}: streaming.max_concurrent_streams must be at least 1")
+    for name in ("max_concurrent_streams", "max_pending_connections"):
+        if getattr(config.streaming, name) < 1:
+            raise ConfigError(f"{source}: streaming.{name} must be at least 1")
     if bool(config.streaming.tls_cert_file) != bool(config.streaming.tls_key_file):
         raise ConfigError(f"{source}: streaming.tls_cert_file and streaming.tls_key_file go together")
     if config.runtime.shm_size < 0:

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any, Callable, Protocol
 
+from common import state
 from common.config import Config, ConfigError, load_config
 from common.logs import setup_logging
 from common.rpc import CallContext, RpcClient, RpcServer
@@ -48,7 +49,16 @@ def start_process(service: str, argv: list[str] | None = None) -> tuple[Config, 
         # supervisord retries a failed start a few times, then marks it FATAL:
         # the message above is in the service's log each time.
         sys.exit(2)
+    secure_service_dirs(config, service)
     return config, setup_logging(service, config.pyrio.log_level)
+
+
+def secure_service_dirs(config: Config, service: str) -> None:
+    """Make (or close) the state and run directories before anything is
+    written into them: the top ones traverse-only, the service's own 0700."""
+    state.private_dir(config.pyrio.state_dir, state.TRAVERSE_ONLY_DIR_MODE)
+    state.private_dir(config.pyrio.run_dir, state.TRAVERSE_ONLY_DIR_MODE)
+    state.private_dir(config.service_state_dir(service))
 
 
 def run_service(

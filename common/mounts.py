@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
+from dataclasses import dataclass
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -76,3 +78,46 @@ def umount_all_under(prefix: str) -> int:
         except OSError:
             continue
     return count
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo: where, and its propagation peers."""
+
+    mount_point: str
+    shared: bool  # optional field shared:N (a peer group)
+    slave: bool  # optional field master:N (receives from a peer group)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    return re.sub(r"\\([0-7]{3})", lambda found: chr(int(found.group(1), 8)), field)
+
+
+def mount_entries() -> list[MountEntry]:
+    entries = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fields = line.split()
+            separator = fields.index("-", 6)
+            optional = fields[6:separator]
+            entries.append(MountEntry(
+                mount_point=_unescape(fields[4]),
+                shared=any(tag.startswith("shared:") for tag in optional),
+                slave=any(tag.startswith("master:") for tag in optional),
+            ))
+    return entries
+
+
+def mount_of(path: str) -> MountEntry:
+    """The mount `path` is on: the deepest mount point above it (the last one
+    mounted there when several are stacked)."""
+    target = os.path.realpath(path)
+    best: MountEntry | None = None
+    for entry in mount_entries():
+        point = entry.mount_point
+        if target == point or point == "/" or target.startswith(point.rstrip("/") + "/"):
+            if best is None or len(point) >= len(best.mount_point):
+                best = entry
+    assert best is not None  # "/" is always mounted
+    return best

@@ -9,8 +9,11 @@ so a slow call (a one-minute pull) never blocks a fast one. Replies travel
 back to the I/O thread over an inproc PUSH/PULL pair because a ZeroMQ socket
 must only be used by one thread.
 
-The client keeps one DEALER socket per thread (ZeroMQ sockets are not thread
-safe, and crigw calls from many gRPC threads). ZeroMQ reconnects by itself
+The client lends each call a DEALER socket of its own from a pool (ZeroMQ
+sockets are not thread safe, and crigw calls from many threads at once); a
+socket goes back to the pool when the call ends, so the client holds as many
+sockets as calls ever ran at once, not one per thread that ever called (a
+streaming session is a new thread each time). ZeroMQ reconnects by itself
 after a server restart; a socket monitor tells the client when its server
 went away mid-call, so the call fails with Unavailable (or is sent again, for
 methods declared idempotent) instead of waiting for a reply that will never
@@ -32,6 +35,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
+from common import state
 from common.errors import (
     DeadlineExceeded,
     Internal,
@@ -109,7 +113,7 @@ class RpcServer:
     def bind(self) -> None:
         if self.endpoint.startswith("ipc://"):
             socket_path = Path(self.endpoint[len("ipc://") :])
-            socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            state.private_dir(socket_path.parent)
         self._replies = self._context.socket(zmq.PULL)
         self._replies.bind(self._reply_endpoint)
         self._router = self._context.socket(zmq.ROUTER)
@@ -185,8 +189,8 @@ class RpcServer:
             log.exception("cannot send reply of request %s", request_id)
 
 
-class _ThreadSocket:
-    """One thread's DEALER socket to a server, with its connection monitor."""
+class _ClientSocket:
+    """A DEALER socket to a server, with its connection monitor; one call uses it at a time."""
 
     def __init__(self, context: zmq.Context, endpoint: str) -> None:
         self.socket = context.socket(zmq.DEALER)
@@ -243,25 +247,45 @@ class RpcClient:
         self.service = service
         self.default_timeout = default_timeout
         self._context = zmq.Context.instance()
-        self._local = threading.local()
-        self._all_sockets: list[_ThreadSocket] = []
+        self._all_sockets: list[_ClientSocket] = []
+        self._idle_sockets: list[_ClientSocket] = []
         self._lock = threading.Lock()
+        self._closed = False
 
-    def _thread_socket(self) -> _ThreadSocket:
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
-            sock = _ThreadSocket(self._context, self.endpoint)
-            self._local.sock = sock
-            with self._lock:
-                self._all_sockets.append(sock)
-        return sock
+    @property
+    def socket_count(self) -> int:
+        return len(self._all_sockets)
+
+    def _checkout(self, method: str) -> _ClientSocket:
+        # The lock is also the memory barrier ZeroMQ asks for when a socket
+        # moves from one thread to another.
+        with self._lock:
+            if self._closed:
+                raise Unavailable(f"{self.service}.{method}: this process is stopping (its RPC client is closed)")
+            if self._idle_sockets:
+                return self._idle_sockets.pop()  # the most recent: likely connected
+            sock = _ClientSocket(self._context, self.endpoint)
+            self._all_sockets.append(sock)
+            return sock
+
+    def _checkin(self, sock: _ClientSocket, usable: bool) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if usable:
+                self._idle_sockets.append(sock)
+                return
+            self._all_sockets.remove(sock)
+        sock.close()
 
     def close(self) -> None:
+        """Close every socket; calls still waiting end Unavailable."""
         with self._lock:
+            self._closed = True
             for sock in self._all_sockets:
                 sock.close()
             self._all_sockets.clear()
-        self._local = threading.local()
+            self._idle_sockets.clear()
 
     def call(
         self,
@@ -276,10 +300,27 @@ class RpcClient:
         during a non-idempotent call, DeadlineExceeded when no answer came
         in time. An idempotent call is sent again after a reconnect.
         """
+        sock = self._checkout(method)
+        usable = True  # after an answer, a timeout, even a late reply still queued (ids tell them apart)
+        try:
+            return self._call(sock, method, params, timeout, idempotent)
+        except zmq.ZMQError as exc:
+            usable = False
+            # The socket was closed under the call (the process is stopping)
+            # or libzmq failed: either way the callee was not reached or its
+            # answer is lost, which is Unavailable ("try again"), as after a
+            # crash, never an internal error.
+            why = "the client was closed" if self._closed else f"ZeroMQ error: {exc}"
+            raise Unavailable(f"{self.service}.{method} was abandoned: {why}") from None
+        finally:
+            self._checkin(sock, usable)
+
+    def _call(
+        self, sock: _ClientSocket, method: str, params: dict[str, Any] | None, timeout: float | None, idempotent: bool
+    ) -> Any:
         deadline = time.time() + (self.default_timeout if timeout is None else timeout)
         request_id = f"{os.getpid()}-{next(self._counter)}"
         payload = pack({"id": request_id, "method": method, "params": params or {}, "deadline": deadline})
-        sock = self._thread_socket()
         grace_end = min(deadline, time.time() + CONNECT_GRACE_SECONDS)
         while True:
             if not sock.wait_connected(grace_end):
@@ -303,7 +344,7 @@ class RpcClient:
             grace_end = min(deadline, time.time() + CONNECT_GRACE_SECONDS)
             log.info("%s went away during idempotent %s; sending it again", self.service, method)
 
-    def _await_reply(self, sock: _ThreadSocket, request_id: str, deadline: float) -> Any:
+    def _await_reply(self, sock: _ClientSocket, request_id: str, deadline: float) -> Any:
         poller = zmq.Poller()
         poller.register(sock.socket, zmq.POLLIN)
         poller.register(sock.monitor, zmq.POLLIN)

@@ -14,6 +14,38 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+# Directories of a service: only root may enter them. A layer or rootfs
+# holds whatever an image brought (setuid-root programs, 0666 device nodes);
+# reachable by a host user, each would be a local root exploit.
+PRIVATE_DIR_MODE = 0o700
+# The top state and run directories: traversable (so a socket's own mode
+# decides who may dial it) but not listable, as containerd's 0711.
+TRAVERSE_ONLY_DIR_MODE = 0o711
+
+
+def private_dir(path: str | os.PathLike[str], mode: int = PRIVATE_DIR_MODE) -> Path:
+    """Create `path` (parents too) or fix its mode if it exists, so a store
+    made by an older, laxer version is closed at start. Parents this makes
+    are traverse-only; existing parents are left as they are."""
+    path = Path(path)
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, TRAVERSE_ONLY_DIR_MODE)
+        except FileExistsError:
+            pass  # made by another service starting at the same time
+    # chmod after mkdir: the umask may have taken bits, and an existing
+    # directory keeps whatever mode it was made with.
+    os.chmod(path, mode)
+    for directory in missing[1:]:
+        os.chmod(directory, TRAVERSE_ONLY_DIR_MODE)
+    return path
+
+
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -19,6 +19,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
+from common.cgroups import CgroupManager, detect
 from tests.fixtures_pods import pod_config
 from tests.harness import Stack, wait_until
 from tests.oci_images import PushedImage, push_busybox
@@ -215,7 +216,17 @@ def wait_for_log(containers: Containers, container_id: str, needle: str, timeout
     )
 
 
-def cgroup_file(containers: Containers, container_id: str, controller: str, name: str) -> Path:
-    cgroups_path = containers.info(container_id)["cgroups_path"].strip("/")
-    return Path("/sys/fs/cgroup") / controller / cgroups_path / name
+def cgroup_file(containers: Containers, container_id: str, v1: str, v2: str) -> Path:
+    """A file of the container's cgroup: `v1` ("memory/memory.limit_in_bytes") on a v1 or hybrid
+    host, `v2` ("memory.max") on a v2 one, for either cgroup driver."""
+    return container_cgroup_file(containers.info(container_id)["cgroups_path"], v1, v2)
+
+
+def container_cgroup_file(cgroups_path: str, v1: str, v2: str) -> Path:
+    manager = CgroupManager(detect(), "systemd" if ":" in cgroups_path else "cgroupfs")
+    cgroup = manager.cgroup_of(cgroups_path).strip("/")
+    if manager.hierarchy.unified:
+        return manager.hierarchy.root / cgroup / v2
+    controller, name = v1.split("/", 1)
+    return manager.hierarchy.root / controller / cgroup / name
 

@@ -31,6 +31,14 @@ REPO = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = REPO / "supervisord.conf"
 SERVICES = ("crigw", "imaged", "netd", "shimd")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# The cgroup driver stacks run with: "cgroupfs" (default) or "systemd" (the
+# node lane sets it; it needs systemd as PID 1).
+CGROUP_MANAGER = os.environ.get("PYRIO_TEST_CGROUP_MANAGER", "cgroupfs")
+
+
+def private_cgroup_parent(tag: str) -> str:
+    """A cgroup parent of a test's own: a slice with systemd (stopped at clean-up), else a path."""
+    return f"pyrio_test_{tag}.slice" if CGROUP_MANAGER == "systemd" else f"/pyrio-test-{tag}"
 
 # The CNI bridge plugin with isGateway turns on IP forwarding for the whole
 # host; tests put the value they found back (pods on one bridge do not need it).
@@ -80,7 +88,8 @@ class Stack:
         self.supervisor_dir = self.run_dir / "supervisor"
         self.socket = self.run_dir / "pyrio.sock"
         self.config_path = self.root / "pyrio.toml"
-        self.cgroup_parent = f"/pyrio-test-{suffix}"
+        self.cgroup_manager = CGROUP_MANAGER
+        self.cgroup_parent = private_cgroup_parent(suffix)
         # Interface names are at most 15 bytes.
         self.bridge = f"pyt{suffix}"
         self.subnet_octet = random.randint(100, 250)
@@ -103,7 +112,7 @@ class Stack:
                 "run_dir": str(self.run_dir),
                 "log_level": "debug",
             },
-            "runtime": {"cgroup_parent": self.cgroup_parent},
+            "runtime": {"cgroup_parent": self.cgroup_parent, "cgroup_manager": self.cgroup_manager},
             "network": {"cni_config_dir": str(self.cni_config_dir)},
         }
 
@@ -319,6 +328,11 @@ def processes_of_root(root: Path) -> list[int]:
 
 
 def cgroup_dirs(cgroup_parent: str) -> list[Path]:
+    """The directories of a cgroup parent (a path, or a systemd slice name) in every hierarchy."""
+    if cgroup_parent.endswith(".slice"):
+        from common.cgroups.systemd import expand_slice
+
+        cgroup_parent = expand_slice(cgroup_parent)
     relative = cgroup_parent.strip("/")
     found = []
     if not relative or not CGROUP_ROOT.exists():
@@ -392,6 +406,28 @@ def remove_portmap_chains(subnet: str) -> None:
         subprocess.run(["iptables", "-w", "-t", "nat", "-X", chain], capture_output=True)
 
 
+def remove_cgroups(cgroup_parent: str) -> None:
+    """Remove a test's cgroup parent and what is below it: a slice is stopped through systemd
+    (its scopes, containers' and shims', are empty by now, so the stop is quick)."""
+    if cgroup_parent.endswith(".slice"):
+        from common.cgroups import systemd_dbus
+
+        try:
+            systemd_dbus.stop_unit(cgroup_parent)
+        except Exception as exc:  # the clean-up goes on; leak_report tells what stayed
+            print(f"cannot stop {cgroup_parent}: {exc}", file=sys.stderr)
+    for directory in cgroup_dirs(cgroup_parent):
+        for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            try:
+                sub.rmdir()
+            except OSError:
+                pass
+        try:
+            directory.rmdir()
+        except OSError:
+            pass
+
+
 def cleanup_root(root: Path, cgroup_parent: str, bridge: str, subnet: str = "") -> None:
     for _ in range(3):
         pids = processes_of_root(root) + processes_in_cgroups(cgroup_parent)
@@ -415,14 +451,5 @@ def cleanup_root(root: Path, cgroup_parent: str, bridge: str, subnet: str = "") 
     subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
     if subnet:
         remove_portmap_chains(subnet)
-    for directory in cgroup_dirs(cgroup_parent):
-        for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-            try:
-                sub.rmdir()
-            except OSError:
-                pass
-        try:
-            directory.rmdir()
-        except OSError:
-            pass
+    remove_cgroups(cgroup_parent)
     shutil.rmtree(root, ignore_errors=True)

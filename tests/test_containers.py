@@ -18,6 +18,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from common.cgroups import cpu_weight, detect
 from tests.fixtures_containers import (
     CONTAINER_CREATED,
     CONTAINER_EXITED,
@@ -204,8 +205,11 @@ def test_privileged_container(containers: Containers) -> None:
     containers.pod_ids.append(reply.pod_sandbox_id)
     pod = (reply.pod_sandbox_id, config)
     script = "grep CapEff /proc/self/status; ls /dev | wc -l; grep -c seccomp /proc/self/status; grep Seccomp: /proc/self/status; cat /proc/kcore >/dev/null 2>&1 && echo kcore-unmasked || echo kcore-masked"
-    privileged = containers.run(pod, "priv", command=["sh", "-c", script], linux=security(privileged=True))
-    plain = containers.run(pod, "plain", command=["sh", "-c", script])
+    privileged_linux, plain_linux = security(privileged=True), security()
+    for linux in (privileged_linux, plain_linux):  # privileged overrides an explicit RuntimeDefault
+        linux.security_context.seccomp.profile_type = api_pb2.SecurityProfile.RuntimeDefault
+    privileged = containers.run(pod, "priv", command=["sh", "-c", script], linux=privileged_linux)
+    plain = containers.run(pod, "plain", command=["sh", "-c", script], linux=plain_linux)
     privileged_out, plain_out = containers.output(privileged), containers.output(plain)
     assert cap_eff(privileged_out) & (1 << CAP_SYS_ADMIN)
     assert not cap_eff(plain_out) & (1 << CAP_SYS_ADMIN)
@@ -363,17 +367,21 @@ def test_stats_of_a_busy_container(containers: Containers) -> None:
 
 
 def test_update_container_resources_visible_in_cgroup(containers: Containers) -> None:
+    """CreateContainer's and UpdateContainerResources' limits land in the cgroup files of the host's
+    hierarchy (v1: memory.limit_in_bytes, cpu.shares; v2: memory.max, cpu.weight converted, cpu.max)."""
     linux = api_pb2.LinuxContainerConfig(resources=api_pb2.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512))
     container_id = containers.run(command=["sleep", "300"], linux=linux)
-    memory_limit = cgroup_file(containers, container_id, "memory", "memory.limit_in_bytes")
+    memory_limit = cgroup_file(containers, container_id, "memory/memory.limit_in_bytes", "memory.max")
     assert int(memory_limit.read_text()) == 64 << 20
-    assert int(cgroup_file(containers, container_id, "cpu", "cpu.shares").read_text()) == 512
+    cpu_share = cgroup_file(containers, container_id, "cpu/cpu.shares", "cpu.weight")
+    assert int(cpu_share.read_text()) == (cpu_weight(512) if detect().unified else 512)
     containers.runtime.UpdateContainerResources(api_pb2.UpdateContainerResourcesRequest(
         container_id=container_id,
         linux=api_pb2.LinuxContainerResources(memory_limit_in_bytes=128 << 20, cpu_quota=20000, cpu_period=100000),
     ))
     assert int(memory_limit.read_text()) == 128 << 20
-    assert int(cgroup_file(containers, container_id, "cpu", "cpu.cfs_quota_us").read_text()) == 20000
+    quota = cgroup_file(containers, container_id, "cpu/cpu.cfs_quota_us", "cpu.max")
+    assert quota.read_text().split()[0] == "20000"
     status = containers.status(container_id).status
     assert status.resources.linux.memory_limit_in_bytes == 128 << 20
 
@@ -471,7 +479,9 @@ def test_seccomp_profiles(containers: Containers, tmp_path: Path) -> None:
     unconfined.security_context.seccomp.profile_type = api_pb2.SecurityProfile.Unconfined
     denied = containers.run(pod, "localhost", command=["sh", "-c", script], linux=localhost)
     free = containers.run(pod, "unconfined", command=["sh", "-c", script], linux=unconfined)
-    default = containers.run(pod, "default", command=["sh", "-c", script])
+    runtime_default = api_pb2.LinuxContainerConfig()
+    runtime_default.security_context.seccomp.profile_type = api_pb2.SecurityProfile.RuntimeDefault
+    default = containers.run(pod, "default", command=["sh", "-c", script], linux=runtime_default)
     assert containers.output(denied).splitlines() == ["mkdir-denied", "Seccomp:\t2"]
     assert containers.output(free).splitlines() == ["mkdir-ok", "Seccomp:\t0"]
     assert containers.output(default).splitlines() == ["mkdir-ok", "Seccomp:\t2"]

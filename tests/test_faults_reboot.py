@@ -19,7 +19,7 @@ from cri_api.v1 import api_pb2
 from tests.fixtures_containers import CONTAINER_EXITED, CONTAINER_RUNNING, Containers, wait_for_log
 from tests.fixtures_faults import TICKER, Patient, assert_no_leaks, stack_processes, wait_all_running
 from tests.fixtures_pods import free_port, host_local_allocations
-from tests.harness import Stack, cgroup_dirs, kill_pids, mounts_under, wait_until
+from tests.harness import Stack, cgroup_dirs, kill_pids, mounts_under, remove_cgroups, wait_until
 
 
 def simulate_reboot(stack: Stack) -> None:
@@ -34,10 +34,8 @@ def simulate_reboot(stack: Stack) -> None:
     for entry in stack.run_dir.iterdir():
         if entry != stack.supervisor_dir:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    for directory in cgroup_dirs(stack.cgroup_parent):
-        for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-            sub.rmdir()
-        directory.rmdir()
+    remove_cgroups(stack.cgroup_parent)
+    assert not cgroup_dirs(stack.cgroup_parent)
 
 
 def kill_and_check(stack: Stack) -> list[int]:

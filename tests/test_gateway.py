@@ -41,9 +41,10 @@ def test_status_ready(stack: Stack) -> None:
     assert found["NetworkReady"].status is True, found["NetworkReady"].message
 
 
-def test_runtime_config_reports_cgroupfs(stack: Stack) -> None:
+def test_runtime_config_reports_the_configured_cgroup_driver(stack: Stack) -> None:
     reply = stack.runtime.RuntimeConfig(api_pb2.RuntimeConfigRequest(), timeout=5)
-    assert reply.linux.cgroup_driver == api_pb2.CGROUPFS
+    expected = api_pb2.SYSTEMD if stack.cgroup_manager == "systemd" else api_pb2.CGROUPFS
+    assert reply.linux.cgroup_driver == expected
 
 
 def test_unbuilt_rpc_is_unimplemented_with_its_name(stack: Stack) -> None:

@@ -122,6 +122,8 @@ def fault_stack(registry: Registry, tls_registry: TlsRegistry) -> Iterator[Stack
         "image": {
             "pull_progress_timeout": PROGRESS_TIMEOUT,
             "max_concurrent_downloads": 2,
+            # Both slots for one registry (by default it gets all but one).
+            "max_downloads_per_registry": 2,
             "pinned_images": [f"{MIRRORED_DOMAIN}/pau*"],
             # The first mirror refuses connections; the second is the test registry.
             "registries": {

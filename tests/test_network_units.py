@@ -17,22 +17,36 @@ from services.netd.sandboxes import matches_filter, name_key
 
 def test_sysctl_policy() -> None:
     assert sysctls.validate({"net/ipv4/tcp_syncookies": "1"}, {"net"}) == {"net.ipv4.tcp_syncookies": "1"}
-    with pytest.raises(InvalidArgument, match="not allowed"):
-        sysctls.validate({"kernel.sem": "1"}, {"net", "ipc"})
+    # Every namespaced sysctl is applied unless the operator restricts them.
+    wanted = {"kernel.sem": "250 32000 32 128", "kernel.msgmax": "9", "fs.mqueue.msg_max": "20", "net.core.somaxconn": "512"}
+    assert sysctls.validate(wanted, {"net", "ipc"}) == wanted
+    assert sysctls.validate(wanted, {"net", "ipc"}, ["*"]) == wanted
     with pytest.raises(InvalidArgument, match="hostIPC"):
         sysctls.validate({"kernel.shm_rmid_forced": "1"}, {"net"})
-    # The operator's allow-list opens namespaced sysctls only.
-    allowed = ["kernel.msg*", "net.core.somaxconn", "vm.*"]
-    assert sysctls.validate({"kernel.msgmax": "9", "net.core.somaxconn": "512"}, {"net", "ipc"}, allowed) == {
-        "kernel.msgmax": "9",
-        "net.core.somaxconn": "512",
-    }
-    with pytest.raises(InvalidArgument, match="not allowed"):
-        sysctls.validate({"vm.swappiness": "1"}, {"net", "ipc"}, allowed)
     with pytest.raises(InvalidArgument, match="hostNetwork"):
-        sysctls.validate({"net.core.somaxconn": "512"}, {"ipc"}, allowed)
+        sysctls.validate({"net.core.somaxconn": "512"}, {"ipc"})
+    for node_wide in ("vm.swappiness", "kernel.panic", "fs.file-max", "kernel.hostname"):
+        with pytest.raises(InvalidArgument, match="not namespaced"):
+            sysctls.validate({node_wide: "1"}, {"net", "ipc"})
+    # The operator's optional restriction: the safe set and what it lists.
+    allowed = ["kernel.msg*", "net.core.somaxconn", "vm.*"]
+    assert sysctls.validate({"kernel.msgmax": "9", "net.ipv4.tcp_syncookies": "1"}, {"net", "ipc"}, allowed)
+    with pytest.raises(InvalidArgument, match="not allowed on this node"):
+        sysctls.validate({"kernel.sem": "1"}, {"net", "ipc"}, allowed)
+    with pytest.raises(InvalidArgument, match="not namespaced"):
+        sysctls.validate({"vm.swappiness": "1"}, {"net", "ipc"}, allowed)
     with pytest.raises(InvalidArgument, match="invalid value"):
         sysctls.validate({"net.ipv4.tcp_syncookies": "1\n0"}, {"net"})
+
+
+def test_sysctl_names_and_paths() -> None:
+    # The kubelet's dotted form: "/" is a dot inside a component (a VLAN interface).
+    assert sysctls.proc_path("net.ipv4.conf.eno2/100.rp_filter") == "/proc/sys/net/ipv4/conf/eno2.100/rp_filter"
+    assert sysctls.normalize("net/ipv4/conf/eno2.100/rp_filter") == "net.ipv4.conf.eno2/100.rp_filter"
+    assert sysctls.normalize("net.ipv4.ip_forward") == "net.ipv4.ip_forward"
+    for escape in ("net./../../kernel.x", "net.ipv4..x", "net.ipv4./..", "net.ipv4.x\n", "net.\0", "net.a b"):
+        with pytest.raises(InvalidArgument, match="malformed"):
+            sysctls.validate({escape: "1"}, {"net", "ipc"})
 
 
 def test_resolv_conf() -> None:

@@ -237,3 +237,45 @@ def test_server_survives_garbage_frames(in_process_server: str) -> None:
     assert client.call("echo", {"ok": 1})["params"] == {"ok": 1}
     assert b"Internal" in reply
     client.close()
+
+
+def test_call_in_flight_when_its_client_closes_is_unavailable(in_process_server: str) -> None:
+    """A stopping crigw closes its clients while gRPC threads still wait in
+    calls (issue 15 item 13): those calls end Unavailable, never with a raw
+    ZMQError that the gateway would answer INTERNAL."""
+    client = RpcClient(in_process_server, "testd")
+    outcome: dict[str, BaseException | None] = {}
+
+    def call() -> None:
+        try:
+            client.call("sleep", {"seconds": 5}, timeout=10)
+            outcome["error"] = None
+        except BaseException as exc:  # noqa: BLE001 - the test inspects whatever ends the call
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.5)
+    client.close()
+    caller.join(10)
+    assert isinstance(outcome["error"], Unavailable), repr(outcome["error"])
+    with pytest.raises(Unavailable):
+        client.call("echo", {})
+
+
+def test_sockets_are_pooled_not_kept_per_thread(in_process_server: str) -> None:
+    """A thread that calls once and ends (a streaming session) leaves no socket
+    behind: the client holds as many as calls ran at once."""
+    client = RpcClient(in_process_server, "testd")
+    try:
+        for _ in range(30):
+            caller = threading.Thread(target=client.call, args=("echo", {}))
+            caller.start()
+            caller.join(10)
+        assert client.socket_count == 1
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda _: client.call("sleep", {"seconds": 0.3}), range(6)))
+        assert client.socket_count <= 6
+        assert client.call("echo", {"x": 1})["params"] == {"x": 1}
+    finally:
+        client.close()

@@ -20,6 +20,7 @@ from cri_api.v1 import api_pb2
 
 from common.config import load_config
 from common.daemon import client_for
+from tests.fixtures_containers import Containers
 from tests.fixtures_pods import BUSYBOX, Pods, free_port, host_local_allocations, in_netns, pod_config, sandbox_info
 from tests.harness import Stack, mounts_under, portmap_chains, wait_until
 
@@ -241,15 +242,38 @@ def test_safe_sysctls_applied_in_pod_namespaces(stack: Stack, pods: Pods) -> Non
     assert Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split() != ["20000", "30000"]
 
 
-@pytest.mark.parametrize("sysctl, host_network", [
-    ("kernel.msgmax", False),  # namespaced but not safe
-    ("vm.swappiness", False),  # node-wide
-    ("net.ipv4.no_such_knob", False),  # unknown
-    ("net.ipv4.ip_local_port_range", True),  # safe, but would change the node's network
+def test_namespaced_sysctls_the_kubelet_sends_are_applied(stack: Stack, containers: Containers) -> None:
+    """Every namespaced sysctl, not only the safe set (issue 12 item 5), as
+    containerd and CRI-O: the values show inside the pod, the node's stay."""
+    wanted = {
+        "net.core.somaxconn": "1111",
+        "net/ipv4/tcp_fin_timeout": "17",
+        "kernel.msgmax": "12345",
+        "kernel.sem": "251 32001 33 129",
+        "kernel.shmmni": "2222",
+        "fs.mqueue.msg_max": "23",
+    }
+    paths = {name: "/proc/sys/" + name.replace(".", "/") for name in wanted}
+    host_before = {name: Path(path).read_text() for name, path in paths.items()}
+    container_id = containers.run(pod=containers.pod(sysctls=wanted), command=["sleep", "600"])
+    for name, path in paths.items():
+        seen = containers.exec(container_id, "cat", path).stdout.decode().split()
+        assert seen == wanted[name].split(), (name, seen)
+    assert {name: Path(path).read_text() for name, path in paths.items()} == host_before
+
+
+@pytest.mark.parametrize("sysctl, host_network, host_ipc", [
+    ("kernel.msgmax", False, True),  # namespaced, but would change the node's IPC namespace
+    ("vm.swappiness", False, False),  # node-wide
+    ("net.ipv4.no_such_knob", False, False),  # unknown
+    ("net.ipv4.ip_local_port_range", True, False),  # safe, but would change the node's network
+    ("net.ipv4.conf./../../../kernel.panic", False, False),  # a path out of net.*
 ])
-def test_unsafe_or_unknown_sysctl_refused(stack: Stack, pods: Pods, sysctl: str, host_network: bool) -> None:
+def test_unsafe_or_unknown_sysctl_refused(
+    stack: Stack, pods: Pods, sysctl: str, host_network: bool, host_ipc: bool
+) -> None:
     before = len(stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items)
-    error = rpc_error(pods.run, pod_config(sysctls={sysctl: "1"}, host_network=host_network))
+    error = rpc_error(pods.run, pod_config(sysctls={sysctl: "1"}, host_network=host_network, host_ipc=host_ipc))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert sysctl in error.details()
     assert len(stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items) == before

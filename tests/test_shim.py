@@ -27,11 +27,12 @@ import pytest
 from common.config import Config
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from common.rpc import CallContext, RpcServer
-from services.shimd import compact_json, oci_spec
+from services.shimd import compact_json, oci_spec, spec_resources, spec_security, spec_users
 from services.shimd.shim_client import REPOSITORY_ROOT, ZygoteProcess
 from services.shimd.records import CREATED, EXITED, RUNNING
 from services.shimd.shim import MAX_LOG_LINE, LogWriter
-from tests.harness import cleanup_root, wait_until
+from tests.fixtures_containers import container_cgroup_file
+from tests.harness import CGROUP_MANAGER, cleanup_root, private_cgroup_parent, wait_until
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ["sh", "ls", "cat", "echo", "sleep", "id", "head", "dd", "printf", "true", "false", "touch", "grep", "tail", "wc", "yes"]
@@ -95,8 +96,9 @@ class StandIns:
 class Env:
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="pyrio-shim-", dir="/tmp"))
-        self.cgroup_parent = f"/pyrio-test-{self.root.name[-6:].lower()}"
+        self.cgroup_parent = private_cgroup_parent(self.root.name[-6:].lower())
         config = Config()
+        config.runtime.cgroup_manager = CGROUP_MANAGER
         config.pyrio.state_dir = str(self.root / "state")
         config.pyrio.run_dir = str(self.root / "run")
         config.runtime.cgroup_parent = self.cgroup_parent
@@ -183,32 +185,26 @@ def test_process_args_follow_kubernetes_rules() -> None:
 
 
 def test_capabilities_add_drop_all() -> None:
-    assert oci_spec.capabilities(["CHOWN", "KILL"], {"capabilities": {"drop_capabilities": ["ALL"], "add_capabilities": ["NET_ADMIN"]}}) == ["CAP_NET_ADMIN"]
-    assert "CAP_SYS_ADMIN" in oci_spec.capabilities([], {"capabilities": {"add_capabilities": ["ALL"]}})
-    assert oci_spec.capabilities(["CHOWN", "KILL"], {"capabilities": {"drop_capabilities": ["kill"]}}) == ["CAP_CHOWN"]
+    assert spec_security.capabilities(["CHOWN", "KILL"], {"capabilities": {"drop_capabilities": ["ALL"], "add_capabilities": ["NET_ADMIN"]}}) == ["CAP_NET_ADMIN"]
+    assert "CAP_SYS_ADMIN" in spec_security.capabilities([], {"capabilities": {"add_capabilities": ["ALL"]}})
+    assert spec_security.capabilities(["CHOWN", "KILL"], {"capabilities": {"drop_capabilities": ["kill"]}}) == ["CAP_CHOWN"]
 
 
 def test_user_resolution(tmp_path: Path) -> None:
     rootfs = make_rootfs(tmp_path)
-    user = oci_spec.resolve_user(str(rootfs), {}, "app")
+    user = spec_users.resolve_user(str(rootfs), {}, "app")
     assert (user.uid, user.gid, user.additional_gids, user.home) == (1000, 1000, [1000, 2000], "/home/app")
-    assert oci_spec.resolve_user(str(rootfs), {"run_as_user": {"value": 1000}, "run_as_group": {"value": 7}}, "").gid == 7
-    assert oci_spec.resolve_user(str(rootfs), {"run_as_user": {}}, "app").uid == 0
-    assert oci_spec.resolve_user(str(rootfs), {}, "123:456").gid == 456
+    assert spec_users.resolve_user(str(rootfs), {"run_as_user": {"value": 1000}, "run_as_group": {"value": 7}}, "").gid == 7
+    assert spec_users.resolve_user(str(rootfs), {"run_as_user": {}}, "app").uid == 0
+    assert spec_users.resolve_user(str(rootfs), {}, "123:456").gid == 456
     with pytest.raises(InvalidArgument):
-        oci_spec.resolve_user(str(rootfs), {"run_as_username": "nobody-here"}, "")
-
-
-def test_hugepages_dropped_without_controller() -> None:
-    layout = oci_spec.CgroupLayout(unified=False, controllers={"memory", "cpu"})
-    resources = oci_spec.oci_resources({"memory_limit_in_bytes": 1 << 26, "hugepage_limits": [{"page_size": "2MB", "limit": 1 << 21}]}, layout)
-    assert "hugepageLimits" not in resources and resources["memory"]["limit"] == 1 << 26
+        spec_users.resolve_user(str(rootfs), {"run_as_username": "nobody-here"}, "")
 
 
 def test_oom_score_adj_clamped_to_own(env: Env) -> None:
     container_id = env.create("oomadj", command=["sleep", "1"], linux={"resources": {"oom_score_adj": -998}})
     spec = env.daemon._spec(env.daemon.store.get(container_id))
-    assert spec["process"]["oomScoreAdj"] == oci_spec.own_oom_score_adj()
+    assert spec["process"]["oomScoreAdj"] == spec_resources.own_oom_score_adj()
     env.call("remove", container_id=container_id)
 
 
@@ -294,7 +290,7 @@ def test_reopen_log_after_rename(env: Env) -> None:
 def test_update_resources_visible_in_cgroup(env: Env) -> None:
     container_id = env.run("update", command=["sleep", "60"], linux={"resources": {"memory_limit_in_bytes": 64 << 20}})
     record = env.daemon.store.get(container_id)
-    memory = Path("/sys/fs/cgroup/memory") / record["cgroups_path"].strip("/") / "memory.limit_in_bytes"
+    memory = container_cgroup_file(record["cgroups_path"], "memory/memory.limit_in_bytes", "memory.max")
     assert int(memory.read_text()) == 64 << 20
     env.call("update_resources", container_id=container_id, linux={"memory_limit_in_bytes": 96 << 20, "cpu_quota": 50000, "cpu_period": 100000})
     assert int(memory.read_text()) == 96 << 20
@@ -347,40 +343,6 @@ def test_crun_handler_is_configured() -> None:
     config = Config().resolve()
     assert config.runtime_handler("crun").path == "/usr/bin/crun"
     assert RUNNING == 1
-
-
-def test_cgroup_v2_layout_stats_and_oom(tmp_path: Path) -> None:
-    from services.shimd import cgroup_stats
-    from services.shimd.shim import read_oom_kills
-
-    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
-    container = tmp_path / "kubepods" / "pyrio-abc"
-    container.mkdir(parents=True)
-    (container / "cpu.stat").write_text("usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n")
-    (container / "memory.current").write_text("10485760\n")
-    (container / "memory.stat").write_text("anon 4194304\ninactive_file 2097152\npgfault 77\npgmajfault 3\n")
-    (container / "memory.events").write_text("low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n")
-    layout = oci_spec.CgroupLayout.detect(tmp_path)
-    assert layout.unified and layout.has("hugetlb")
-    usage = cgroup_stats.container_usage(layout, "/kubepods/pyrio-abc")
-    assert usage["cpu"]["usage_core_nano_seconds"]["value"] == 1_500_000
-    assert usage["memory"]["working_set_bytes"]["value"] == 10485760 - 2097152
-    assert usage["memory"]["rss_bytes"]["value"] == 4194304 and usage["memory"]["major_page_faults"]["value"] == 3
-    assert read_oom_kills(layout.oom_files("/kubepods/pyrio-abc")) == 1
-    resources = oci_spec.oci_resources({"memory_limit_in_bytes": 1 << 26, "hugepage_limits": [{"page_size": "2MB", "limit": 1 << 21}],
-                                        "unified": {"memory.high": "50000000"}}, layout)
-    assert resources["hugepageLimits"] == [{"pageSize": "2MB", "limit": 1 << 21}]
-    assert resources["unified"] == {"memory.high": "50000000"} and resources["memory"]["swap"] == 1 << 26
-
-
-def test_cgroup_v1_layout_rejects_unified_resources(tmp_path: Path) -> None:
-    for controller in ("cpu", "cpuacct", "memory", "pids"):
-        (tmp_path / controller).mkdir()
-    layout = oci_spec.CgroupLayout.detect(tmp_path)
-    assert not layout.unified and not layout.has("hugetlb") and not layout.swap_supported()
-    assert "swap" not in oci_spec.oci_resources({"memory_limit_in_bytes": 1 << 26}, layout)["memory"]
-    with pytest.raises(InvalidArgument):
-        oci_spec.oci_resources({"unified": {"memory.high": "1"}}, layout)
 
 
 def test_attach_pipes_stdin_once_and_streams(env: Env) -> None:

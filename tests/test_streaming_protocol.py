@@ -17,6 +17,7 @@ from common.errors import ResourceExhausted
 from services.crigw.streaming.remotecommand import RemoteStreams
 from services.crigw.streaming.tokens import RequestCache
 from tests.fixtures_streaming import LocalStreaming
+from tests.harness import wait_until
 from tests.streaming_client import PortForwardSession, SpdyClient, WebSocketClient, open_remote_command
 
 # The client asserts on protocol violations in its read thread: make those fail the test.
@@ -161,7 +162,8 @@ def test_streaming_config_is_checked(tmp_path) -> None:
     from common.config import StreamingSection
     from services.crigw.streaming.server import StreamingServer
 
-    for bad in ("token_ttl = 0", "max_concurrent_streams = 0", 'tls_cert_file = "/x.pem"', "stream_idle_timeout = -1"):
+    for bad in ("token_ttl = 0", "max_concurrent_streams = 0", 'tls_cert_file = "/x.pem"', "stream_idle_timeout = -1",
+                "request_head_timeout = 0", "max_pending_connections = 0"):
         path = tmp_path / "pyrio.toml"
         path.write_text(f"[streaming]\n{bad}\n")
         with pytest.raises(ConfigError, match="streaming"):
@@ -189,8 +191,14 @@ def test_port_forward_session_forgets_finished_connections(local_streaming: Loca
             assert reply == b"n%d\n" % n
         from services.crigw.streaming.spdy import SpdyConnection
 
-        with local_streaming.server._sessions_lock:
-            connections = [c for c in local_streaming.server._sessions if isinstance(c, SpdyConnection)]
-        assert connections and all(len(c._streams) <= 2 for c in connections)
+        def connections() -> list[SpdyConnection]:
+            with local_streaming.server._sessions_lock:
+                return [c for c in local_streaming.server._sessions if isinstance(c, SpdyConnection)]
+
+        assert connections()
+        # The server forgets a connection's streams once both sides closed,
+        # which its pump threads see a moment after the client does.
+        wait_until(lambda: all(len(c._streams) <= 2 for c in connections()), timeout=10,
+                   what="finished port-forward streams forgotten")
     finally:
         forward.close()

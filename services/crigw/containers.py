@@ -14,6 +14,7 @@ from typing import Any
 from cri_api.v1 import api_pb2
 
 from common.errors import InvalidArgument
+from common.exec_limits import MAX_EXEC_TIMEOUT_SECONDS, MAX_STOP_TIMEOUT_SECONDS, check_exec_command, clamp_timeout
 from services.crigw.convert import dict_to_message, message_to_dict
 from services.crigw.gateway import Gateway
 from services.crigw.handlers import cri_handler
@@ -57,12 +58,11 @@ def start_container(gateway: Gateway, request: api_pb2.StartContainerRequest) ->
 
 @cri_handler("StopContainer")
 def stop_container(gateway: Gateway, request: api_pb2.StopContainerRequest) -> api_pb2.StopContainerResponse:
-    if request.timeout < 0:
-        raise InvalidArgument("StopContainer timeout must not be negative")
+    timeout = clamp_timeout(request.timeout, MAX_STOP_TIMEOUT_SECONDS, "StopContainer timeout")
     gateway.shimd.call(
         "container.stop",
-        {"container_id": request.container_id, "timeout": request.timeout},
-        timeout=_timeout(gateway, request.timeout + STOP_MARGIN_SECONDS),
+        {"container_id": request.container_id, "timeout": timeout},
+        timeout=_timeout(gateway, timeout + STOP_MARGIN_SECONDS),
         idempotent=True,
     )
     return api_pb2.StopContainerResponse()
@@ -127,14 +127,12 @@ def container_status(gateway: Gateway, request: api_pb2.ContainerStatusRequest) 
 
 @cri_handler("ExecSync")
 def exec_sync(gateway: Gateway, request: api_pb2.ExecSyncRequest) -> api_pb2.ExecSyncResponse:
-    if not request.cmd:
-        raise InvalidArgument("ExecSync needs a command")
-    if request.timeout < 0:
-        raise InvalidArgument("ExecSync timeout must not be negative")
-    deadline = request.timeout + STOP_MARGIN_SECONDS if request.timeout else EXEC_WITHOUT_TIMEOUT_SECONDS
+    command = check_exec_command(list(request.cmd), "ExecSync")
+    timeout = clamp_timeout(request.timeout, MAX_EXEC_TIMEOUT_SECONDS, "ExecSync timeout")
+    deadline = timeout + STOP_MARGIN_SECONDS if timeout else EXEC_WITHOUT_TIMEOUT_SECONDS
     reply = gateway.shimd.call(
         "container.exec_sync",
-        {"container_id": request.container_id, "cmd": list(request.cmd), "timeout": request.timeout},
+        {"container_id": request.container_id, "cmd": command, "timeout": timeout},
         timeout=_timeout(gateway, deadline),
     )
     return api_pb2.ExecSyncResponse(stdout=reply["stdout"], stderr=reply["stderr"], exit_code=reply["exit_code"])

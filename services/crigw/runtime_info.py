@@ -7,6 +7,7 @@ import json
 from cri_api.v1 import api_pb2
 
 import pyrio
+from common.runtime_features import handler_features
 from services.crigw.gateway import Gateway
 from services.crigw.handlers import cri_handler
 
@@ -30,6 +31,15 @@ def _condition(kind: str, answers: list[dict], reason_if_not: str) -> api_pb2.Ru
     return api_pb2.RuntimeCondition(type=kind, status=False, reason=reason_if_not, message="; ".join(problems))
 
 
+def _runtime_handler(gateway: Gateway, name: str) -> api_pb2.RuntimeHandler:
+    """A handler with the features its runtime and this kernel really have."""
+    features = handler_features(gateway.config.runtime_handler(name).path)
+    return api_pb2.RuntimeHandler(name=name, features=api_pb2.RuntimeHandlerFeatures(
+        recursive_read_only_mounts=features.recursive_read_only_mounts,
+        user_namespaces=False,  # until pods get a user namespace (issue 12 item 7)
+    ))
+
+
 @cri_handler("Status")
 def status(gateway: Gateway, request: api_pb2.StatusRequest) -> api_pb2.StatusResponse:
     health = gateway.health_of_daemons()
@@ -42,9 +52,9 @@ def status(gateway: Gateway, request: api_pb2.StatusRequest) -> api_pb2.StatusRe
     network_ready = _condition("NetworkReady", [network_answer], "NetworkPluginNotReady")
     response = api_pb2.StatusResponse(
         status=api_pb2.RuntimeStatus(conditions=[runtime_ready, network_ready]),
-        runtime_handlers=[
-            api_pb2.RuntimeHandler(name=name) for name in ["", *sorted(gateway.config.runtime.runtimes)]
-        ],
+        runtime_handlers=[_runtime_handler(gateway, name) for name in ["", *sorted(gateway.config.runtime.runtimes)]],
+        # Strict is applied by shimd and ContainerStatus reports user.linux.
+        features=api_pb2.RuntimeFeatures(supplemental_groups_policy=True),
     )
     if request.verbose:
         for service, answer in health.items():
@@ -54,10 +64,9 @@ def status(gateway: Gateway, request: api_pb2.StatusRequest) -> api_pb2.StatusRe
 
 @cri_handler("RuntimeConfig")
 def runtime_config(gateway: Gateway, request: api_pb2.RuntimeConfigRequest) -> api_pb2.RuntimeConfigResponse:
-    # cgroupfs is the only driver pyrio implements (config validation enforces it).
-    return api_pb2.RuntimeConfigResponse(
-        linux=api_pb2.LinuxRuntimeConfiguration(cgroup_driver=api_pb2.CGROUPFS)
-    )
+    # The kubelet (1.28+) takes its cgroup driver from this answer.
+    driver = api_pb2.SYSTEMD if gateway.config.runtime.cgroup_manager == "systemd" else api_pb2.CGROUPFS
+    return api_pb2.RuntimeConfigResponse(linux=api_pb2.LinuxRuntimeConfiguration(cgroup_driver=driver))
 
 
 @cri_handler("UpdateRuntimeConfig")

@@ -140,3 +140,17 @@ def list_pod_sandbox(gateway: Gateway, request: api_pb2.ListPodSandboxRequest) -
         lambda ids: gateway.netd.call("sandbox.list", {"filter": {"ids": ids}}, idempotent=True),
         complete=not any(filter_.values()),
     )
+
+
+@cri_handler("UpdatePodSandboxResources")
+def update_pod_sandbox_resources(
+    gateway: Gateway, request: api_pb2.UpdatePodSandboxResourcesRequest
+) -> api_pb2.UpdatePodSandboxResourcesResponse:
+    # shimd writes them into the pod's own cgroup (its linux.cgroup_parent).
+    gateway.shimd.call(
+        "sandbox.update_resources",
+        {"sandbox_id": request.pod_sandbox_id, "resources": message_to_dict(request.resources),
+         "overhead": message_to_dict(request.overhead)},
+        idempotent=True,
+    )
+    return api_pb2.UpdatePodSandboxResourcesResponse()

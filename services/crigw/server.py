@@ -19,7 +19,8 @@ from cri_api.v1 import api_pb2
 
 from common.errors import Unimplemented
 from services.crigw.gateway import Gateway
-from services.crigw.handlers import HANDLERS
+from services.crigw.handlers import HANDLERS, set_call
+from services.crigw.request_limits import check_request_limits
 from services.crigw.status import serve_cri_call
 
 # The CRI areas, each one module of handlers (like CRI-O's server/ package).
@@ -88,9 +89,14 @@ def _method_handler(gateway: Gateway, method: Any) -> grpc.RpcMethodHandler:
     response_class = getattr(api_pb2, method.output_type.name)
     handler = HANDLERS.get(name, _unimplemented(name))
 
+    def checked(request: Any, context: Any) -> Any:
+        set_call(context)
+        check_request_limits(request)
+        return handler(gateway, request)
+
     def call(request: Any, context: grpc.ServicerContext) -> Any:
         with IN_FLIGHT:
-            return serve_cri_call(name, lambda req, _ctx: handler(gateway, req), request, context)
+            return serve_cri_call(name, checked, request, context)
 
     def serialize(response: Any) -> bytes:
         # A handler may answer the response already serialized (list_cache.py).
@@ -100,7 +106,7 @@ def _method_handler(gateway: Gateway, method: Any) -> grpc.RpcMethodHandler:
     if method.server_streaming:
         def stream(request: Any, context: grpc.ServicerContext) -> Any:
             with IN_FLIGHT:
-                yield from serve_cri_call(name, lambda req, _ctx: handler(gateway, req), request, context)
+                yield from serve_cri_call(name, checked, request, context)
 
         return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
     return grpc.unary_unary_rpc_method_handler(call, **kwargs)

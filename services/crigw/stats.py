@@ -41,7 +41,8 @@ def _sum(items: list[dict[str, Any]], section: str, field: str) -> int | None:
     return sum(values) if values else None
 
 
-def _pod_stats(sandbox: dict[str, Any], containers: list[dict[str, Any]]) -> api_pb2.PodSandboxStats:
+def _pod_stats(sandbox: dict[str, Any], containers: list[dict[str, Any]],
+               pod_cgroup: dict[str, Any] | None = None) -> api_pb2.PodSandboxStats:
     now = time.time_ns()
     linux: dict[str, Any] = {"containers": containers}
     cpu = _sum(containers, "cpu", "usage_core_nano_seconds")
@@ -54,6 +55,11 @@ def _pod_stats(sandbox: dict[str, Any], containers: list[dict[str, Any]]) -> api
             memory[field] = {"value": total}
     if memory:
         linux["memory"] = {"timestamp": now, **memory}
+    # A pod with a cgroup of its own: its figures (and its limit, in
+    # available_bytes) are the pod cgroup's.
+    for section in ("cpu", "memory"):
+        if (pod_cgroup or {}).get(section):
+            linux[section] = pod_cgroup[section]
     # Every container of a pod shares its network namespace: any one tells.
     network = next((item["pod_network"] for item in containers if "pod_network" in item), None)
     if network is not None:
@@ -73,13 +79,23 @@ def _pod_stats(sandbox: dict[str, Any], containers: list[dict[str, Any]]) -> api
     return dict_to_message(stats, api_pb2.PodSandboxStats)
 
 
+def _pod_cgroup_stats(gateway: Gateway, sandboxes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """sandbox id -> its own cgroup's figures, for those pods that have one (one call for all)."""
+    if not sandboxes:
+        return {}
+    return gateway.shimd.call("sandbox.stats", {"sandboxes": [
+        {"id": sandbox["id"], "cgroup_parent": sandbox.get("cgroup_parent", "")} for sandbox in sandboxes
+    ]}, idempotent=True)
+
+
 @cri_handler("PodSandboxStats")
 def pod_sandbox_stats(gateway: Gateway, request: api_pb2.PodSandboxStatsRequest) -> api_pb2.PodSandboxStatsResponse:
     sandbox = gateway.netd.call("sandbox.status", {"sandbox_id": request.pod_sandbox_id}, idempotent=True)
     containers = gateway.shimd.call(
         "container.list_stats", {"filter": {"pod_sandbox_id": sandbox["id"]}}, idempotent=True
     )
-    return api_pb2.PodSandboxStatsResponse(stats=_pod_stats(sandbox, containers))
+    pod_cgroups = _pod_cgroup_stats(gateway, [sandbox])
+    return api_pb2.PodSandboxStatsResponse(stats=_pod_stats(sandbox, containers, pod_cgroups.get(sandbox["id"])))
 
 
 @cri_handler("ListPodSandboxStats")
@@ -94,10 +110,8 @@ def list_pod_sandbox_stats(
     by_sandbox: dict[str, list[dict[str, Any]]] = {}
     for item in containers:
         by_sandbox.setdefault(item.get("pod_sandbox_id", ""), []).append(item)
-    stats = []
-    for sandbox in sandboxes:
-        if sandbox.get("state") not in ("ready", 0, "SANDBOX_READY"):
-            continue
-        stats.append(_pod_stats(sandbox, by_sandbox.get(sandbox["id"], [])))
+    ready = [sandbox for sandbox in sandboxes if sandbox.get("state") in ("ready", 0, "SANDBOX_READY")]
+    pod_cgroups = _pod_cgroup_stats(gateway, ready)
+    stats = [_pod_stats(sandbox, by_sandbox.get(sandbox["id"], []), pod_cgroups.get(sandbox["id"])) for sandbox in ready]
     return api_pb2.ListPodSandboxStatsResponse(stats=stats)
 

@@ -7,6 +7,7 @@ structured log line per call (method, duration, result code).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any, Callable
 
@@ -31,6 +32,26 @@ GRPC_CODE_BY_KIND: dict[str, grpc.StatusCode] = {
 }
 
 
+# An error message quotes the values it is about; one far longer than any
+# real id, name or path is cut, so a huge input never comes back whole in
+# grpc-message (past the client's metadata limit, the client would see
+# RESOURCE_EXHAUSTED instead of the real code: issue 15 item 11).
+MAX_ECHOED_VALUE_CHARS = 256
+ECHOED_VALUE_KEPT_CHARS = 64
+MAX_MESSAGE_CHARS = 4096
+_LONG_VALUE = re.compile(r"\S{%d,}" % (MAX_ECHOED_VALUE_CHARS + 1))
+
+
+def bounded_message(message: str) -> str:
+    """`message` with every overlong word cut to its start and its length."""
+    message = _LONG_VALUE.sub(
+        lambda match: f"{match.group()[:ECHOED_VALUE_KEPT_CHARS]}...({len(match.group())} chars)", message
+    )
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + f"... (message cut at {MAX_MESSAGE_CHARS} chars)"
+    return message
+
+
 def grpc_code_for(error: PyrioError) -> grpc.StatusCode:
     return GRPC_CODE_BY_KIND.get(error.kind, grpc.StatusCode.INTERNAL)
 
@@ -47,10 +68,10 @@ def serve_cri_call(
     try:
         return handler(request, context)
     except PyrioError as exc:
-        code, message = grpc_code_for(exc), exc.message
+        code, message = grpc_code_for(exc), bounded_message(exc.message)
     except Exception as exc:  # a bug answers INTERNAL, never kills the gateway
         log.exception("unhandled error in %s", method)
-        code, message = grpc.StatusCode.INTERNAL, f"{method}: {type(exc).__name__}: {exc}"
+        code, message = grpc.StatusCode.INTERNAL, bounded_message(f"{method}: {type(exc).__name__}: {exc}")
     finally:
         log.info(
             "cri call",

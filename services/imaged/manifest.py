@@ -129,3 +129,17 @@ def layer_descriptors(manifest: dict[str, Any], what: str) -> list[dict[str, Any
         if layer.get("mediaType") not in LAYER_TYPES:
             raise FailedPrecondition(f"{what}: unsupported layer media type {layer.get('mediaType')!r}")
     return layers
+
+
+def declared_size(descriptor: dict[str, Any], limit: int, limit_name: str, what: str) -> int:
+    """The size a descriptor declares, which bounds the download: without
+    one (or with 2^50) a registry could stream until the disk is full."""
+    size = descriptor.get("size")
+    digest = descriptor.get("digest")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise FailedPrecondition(f"{what}: the descriptor of {digest} declares no valid size ({size!r}); refusing the image")
+    if size > limit:
+        raise FailedPrecondition(
+            f"{what}: blob {digest} declares {size} bytes, more than the {limit} allowed ({limit_name}); refusing the image"
+        )
+    return size

@@ -19,16 +19,19 @@ import shutil
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from common.config import ImageSection
-from common.errors import FailedPrecondition, PyrioError, ResourceExhausted
+from common.errors import DeadlineExceeded, FailedPrecondition, PyrioError, ResourceExhausted
 from services.imaged import manifest as manifests
 from services.imaged.reference import Reference, parse_reference
-from services.imaged.registry import Cancelled, Credentials, RegistryClient, endpoints_for
+from services.imaged.registry import Credentials, RegistryClient, endpoints_for
+from services.imaged.space import DiskReserve, GuardedWriter
 from services.imaged.store import Store
-from services.imaged.unpack import unpack_layer
+from services.imaged.transfer import Cancelled, DownloadSlots, per_registry_cap
+from services.imaged.unpack import UnpackLimits, unpack_layer
 
 log = logging.getLogger("pyrio.imaged.pull")
 
@@ -50,50 +53,115 @@ class Resolved:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+class PullRun:
+    """One pull in progress and the deadlines of the callers waiting for it:
+    once every one has passed, nobody can use the result and the pull's
+    downloads stop."""
+
+    def __init__(self) -> None:
+        self.result: Future = Future()
+        self._deadlines: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._next_token = 0
+
+    def join(self, deadline: float) -> int:
+        with self._lock:
+            self._next_token += 1
+            self._deadlines[self._next_token] = deadline
+            return self._next_token
+
+    def leave(self, token: int) -> None:
+        with self._lock:
+            self._deadlines.pop(token, None)
+
+    def abandoned(self) -> str:
+        """Why the pull is no longer wanted, or "" while a caller waits."""
+        with self._lock:
+            if any(deadline > time.time() for deadline in self._deadlines.values()):
+                return ""
+        return "no caller waits for this pull any more (every caller's deadline has passed)"
+
+
 class Puller:
     def __init__(self, store: Store, settings: ImageSection) -> None:
         self.store = store
         self.settings = settings
-        self._download_slots = threading.BoundedSemaphore(settings.max_concurrent_downloads)
+        self.reserve = DiskReserve(str(store.root), settings.free_space_reserve)
+        self._download_slots = DownloadSlots(
+            settings.max_concurrent_downloads,
+            per_registry_cap(settings.max_concurrent_downloads, settings.max_downloads_per_registry),
+        )
         # Layer jobs wait on their layer lock and the download slots, so the
         # pool is larger than the download bound.
         self._jobs = ThreadPoolExecutor(max_workers=max(8, settings.max_concurrent_downloads * 4), thread_name_prefix="layer")
-        self._in_flight: dict[str, Future] = {}
+        self._in_flight: dict[str, PullRun] = {}
         self._in_flight_lock = threading.Lock()
+        # waiter id (from crigw) -> the run it waits for and its token there.
+        self._waiters: dict[str, tuple[PullRun, int]] = {}
 
     def close(self) -> None:
         self._jobs.shutdown(wait=False, cancel_futures=True)
 
-    def pull(self, image: str, auth: dict[str, Any] | None) -> dict[str, Any]:
-        """Pull `image`; returns the image record."""
+    def pull(self, image: str, auth: dict[str, Any] | None, deadline: float | None = None, waiter: str = "") -> dict[str, Any]:
+        """Pull `image` for a caller that waits until `deadline` (time.time())
+        or until `abandon(waiter)`; returns the image record."""
         reference = parse_reference(image)
         credentials = Credentials.from_cri(auth)
         key = f"{reference}|{credentials.fingerprint()}"
+        deadline = deadline if deadline is not None else time.time() + 365 * 86400.0
         with self._in_flight_lock:
-            running = self._in_flight.get(key)
-            if running is None:
-                mine: Future = Future()
-                self._in_flight[key] = mine
-        if running is not None:
-            log.info("joining a pull in progress", extra={"image": str(reference)})
-            return running.result()
+            run = self._in_flight.get(key)
+            joining = run is not None
+            if run is None:
+                run = self._in_flight[key] = PullRun()
+            token = run.join(deadline)
+            if waiter:
+                self._waiters[waiter] = (run, token)
         try:
-            record = self._pull(reference, credentials)
-            mine.set_result(record)
-            return record
-        except BaseException as exc:
-            mine.set_exception(exc)
-            raise
+            if joining:
+                log.info("joining a pull in progress", extra={"image": str(reference)})
+                try:
+                    return run.result.result(timeout=max(0.0, deadline - time.time()))
+                except FutureTimeout:
+                    raise DeadlineExceeded(
+                        f"image {reference}: the caller's deadline passed while it waited for the pull in progress"
+                    ) from None
+            try:
+                record = self._pull(reference, credentials, run)
+                run.result.set_result(record)
+                return record
+            except BaseException as exc:
+                run.result.set_exception(exc)
+                if isinstance(exc, PyrioError):
+                    # The caller may be gone (its deadline passed): say it here too.
+                    log.warning("pull failed", extra={"image": str(reference), "error": exc.message})
+                raise
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight.pop(key, None)
         finally:
+            run.leave(token)
             with self._in_flight_lock:
-                self._in_flight.pop(key, None)
+                self._waiters.pop(waiter, None)
+
+    def abandon(self, waiter: str) -> bool:
+        """The caller `waiter` stopped waiting; its pull's downloads stop if
+        it was the last. False when no pull waits for it (already answered)."""
+        with self._in_flight_lock:
+            found = self._waiters.pop(waiter, None)
+        if found is None:
+            return False
+        run, token = found
+        run.leave(token)
+        log.info("a caller left its pull", extra={"waiter": waiter})
+        return True
 
     # --- manifest side --------------------------------------------------------
 
-    def _pull(self, reference: Reference, credentials: Credentials) -> dict[str, Any]:
+    def _pull(self, reference: Reference, credentials: Credentials, run: PullRun) -> dict[str, Any]:
         started = time.monotonic()
         resolved = self._resolve_through_endpoints(reference, credentials)
-        record = self._fetch_layers_and_commit(reference, resolved)
+        record = self._fetch_layers_and_commit(reference, resolved, run)
         log.info(
             "pulled",
             extra={"image": str(reference), "image_id": record["id"], "endpoint": resolved.client.endpoint.host,
@@ -103,7 +171,10 @@ class Puller:
 
     def _resolve_through_endpoints(self, reference: Reference, credentials: Credentials) -> Resolved:
         for endpoint in endpoints_for(reference, self.settings.registries):
-            client = RegistryClient(endpoint, reference.path, credentials, self.settings.pull_progress_timeout)
+            client = RegistryClient(
+                endpoint, reference.path, credentials, self.settings.pull_progress_timeout,
+                self.settings.min_download_rate, self.settings.download_rate_window,
+            )
             try:
                 return self._resolve(client, reference)
             except PyrioError as exc:
@@ -132,9 +203,7 @@ class Puller:
         config_digest = str(config_descriptor.get("digest", ""))
         if not _DIFF_ID.match(config_digest):
             raise FailedPrecondition(f"{what}: the manifest's config digest {config_digest!r} is not a sha256 digest")
-        size = int(config_descriptor.get("size", 0))
-        if size > MAX_CONFIG_BYTES:
-            raise FailedPrecondition(f"{what}: the image config is {size} bytes, more than {MAX_CONFIG_BYTES} allowed")
+        size = manifests.declared_size(config_descriptor, MAX_CONFIG_BYTES, "for an image config", what)
         buffer = io.BytesIO()
         client.download_blob(config_digest, buffer, size)
         resolved.config_digest, resolved.config_bytes = config_digest, buffer.getvalue()
@@ -144,6 +213,8 @@ class Puller:
         except (ValueError, KeyError, TypeError):
             raise FailedPrecondition(f"{what}: the image config is not valid (no rootfs.diff_ids)") from None
         layers = manifests.layer_descriptors(document, what)
+        for layer in layers:
+            manifests.declared_size(layer, self.settings.max_layer_size, "image.max_layer_size", what)
         if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
             raise FailedPrecondition(
                 f"{what}: the config lists {len(diff_ids) if isinstance(diff_ids, list) else 0} diff ids "
@@ -157,7 +228,7 @@ class Puller:
 
     # --- layers -----------------------------------------------------------------
 
-    def _fetch_layers_and_commit(self, reference: Reference, resolved: Resolved) -> dict[str, Any]:
+    def _fetch_layers_and_commit(self, reference: Reference, resolved: Resolved, run: PullRun) -> dict[str, Any]:
         descriptors = resolved.manifest["layers"]
         diff_ids: list[str] = resolved.config["rootfs"]["diff_ids"]
         self.store.pin_layers(diff_ids)
@@ -166,25 +237,35 @@ class Puller:
             # A layer listed twice is fetched once.
             unique = list({diff_id: (descriptor, diff_id) for descriptor, diff_id in missing}.values())
             if unique:
-                self._run_layer_jobs(resolved.client, unique)
+                # The blobs at least must fit above the reserve; what they
+                # expand to is watched while they unpack.
+                self.reserve.require(sum(int(descriptor["size"]) for descriptor, _ in unique), f"image {reference}")
+                self._run_layer_jobs(resolved.client, unique, run)
             return self._commit_image(reference, resolved, diff_ids)
         finally:
             self.store.unpin_layers(diff_ids)
 
-    def _run_layer_jobs(self, client: RegistryClient, jobs: list[tuple[dict[str, Any], str]]) -> None:
+    def _run_layer_jobs(self, client: RegistryClient, jobs: list[tuple[dict[str, Any], str]], run: PullRun) -> None:
         cancel = threading.Event()
-        futures = [self._jobs.submit(self._fetch_layer, client, descriptor, diff_id, cancel) for descriptor, diff_id in jobs]
+
+        def unwanted() -> str:
+            if cancel.is_set():
+                return "another layer of the same pull failed"
+            return run.abandoned()
+
+        futures = [self._jobs.submit(self._fetch_layer, client, descriptor, diff_id, unwanted) for descriptor, diff_id in jobs]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if any(future.exception() for future in done):
             cancel.set()
             wait(futures)
             errors = [future.exception() for future in futures if future.exception() is not None]
+            first = next(future.exception() for future in done if future.exception() is not None)
             # Report the failure that caused the others to be cancelled.
-            raise next((error for error in errors if not isinstance(error, Cancelled)), errors[0])
+            raise next((error for error in errors if not isinstance(error, Cancelled)), first)
 
-    def _fetch_layer(self, client: RegistryClient, descriptor: dict[str, Any], diff_id: str, cancel: threading.Event) -> None:
+    def _fetch_layer(self, client: RegistryClient, descriptor: dict[str, Any], diff_id: str, unwanted: Callable[[], str]) -> None:
         try:
-            self._fetch_layer_once(client, descriptor, diff_id, cancel)
+            self._fetch_layer_once(client, descriptor, diff_id, unwanted)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(
@@ -192,22 +273,21 @@ class Puller:
                 ) from None
             raise
 
-    def _fetch_layer_once(self, client: RegistryClient, descriptor: dict[str, Any], diff_id: str, cancel: threading.Event) -> None:
+    def _fetch_layer_once(self, client: RegistryClient, descriptor: dict[str, Any], diff_id: str, unwanted: Callable[[], str]) -> None:
         digest = str(descriptor.get("digest", ""))
         with self.store.layer_lock(diff_id):
             if self.store.has_layer(diff_id):
                 return
             blob_path = self.store.temp_path("blob")
-            staging = self.store.temp_path("layer")
+            staging = None
             try:
-                with self._download_slots:
-                    if cancel.is_set():
-                        raise Cancelled(f"layer {digest}: cancelled")
+                with self._download_slots.slot(client.endpoint.host, unwanted, f"layer {digest}"):
                     with open(blob_path, "wb") as output:
-                        declared_size = int(descriptor["size"]) if "size" in descriptor else None
-                        client.download_blob(digest, output, declared_size, cancel.is_set)
-                (staging / "diff").mkdir(parents=True)
-                actual_diff_id, tar_size = unpack_layer(str(blob_path), str(staging / "diff"), digest)
+                        guarded = GuardedWriter(output, self.reserve, f"layer {digest}")
+                        client.download_blob(digest, guarded, int(descriptor["size"]), unwanted)  # type: ignore[arg-type]
+                staging = self.store.make_layer_staging()
+                limits = UnpackLimits(self.settings.max_layer_size, lambda: self.reserve.require(0, f"layer {digest}"))
+                actual_diff_id, tar_size = unpack_layer(str(blob_path), str(staging / "diff"), digest, limits)
                 if actual_diff_id != diff_id:
                     raise FailedPrecondition(
                         f"layer {digest}: its content is {actual_diff_id}, but the image config promises {diff_id}; "
@@ -219,7 +299,8 @@ class Puller:
                 )
             finally:
                 blob_path.unlink(missing_ok=True)
-                shutil.rmtree(staging, ignore_errors=True)
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
 
     # --- record -------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from common.errors import (
     Unavailable,
 )
 from services.imaged.reference import Reference, registry_endpoint_host
+from services.imaged.transfer import Cancelled, RateFloor
 
 log = logging.getLogger("pyrio.imaged.registry")
 
@@ -44,12 +45,6 @@ CHUNK_BYTES = 1 << 20
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_REDIRECTS = 5
 USER_AGENT = "pyrio/0.1"
-
-
-class Cancelled(PyrioError):
-    """A download stopped because a sibling download of the same pull failed."""
-
-    kind = "Unavailable"
 
 
 @dataclass
@@ -176,8 +171,18 @@ def _registry_error_message(body: bytes) -> str:
 class RegistryClient:
     """Talks to one endpoint about one repository, for one pull."""
 
-    def __init__(self, endpoint: Endpoint, repository_path: str, credentials: Credentials, progress_timeout: float) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        repository_path: str,
+        credentials: Credentials,
+        progress_timeout: float,
+        min_rate: int = 0,
+        rate_window: float = 60.0,
+    ) -> None:
         self.endpoint = endpoint
+        self.min_rate = min_rate
+        self.rate_window = rate_window
         self.repository = f"{endpoint.prefix}/{repository_path}" if endpoint.prefix else repository_path
         self.credentials = credentials
         self.timeout = progress_timeout
@@ -370,8 +375,15 @@ class RegistryClient:
         if length > MAX_MANIFEST_BYTES:
             response.close()
             raise FailedPrecondition(f"{what} is {length} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
+        floor = RateFloor(self.min_rate, self.rate_window, what, self.endpoint.host)
+        parts: list[bytes] = []
+        received = 0
         try:
-            body = response.read(MAX_MANIFEST_BYTES + 1)
+            while received <= MAX_MANIFEST_BYTES and (chunk := response.read1(CHUNK_BYTES)):
+                parts.append(chunk)
+                received += len(chunk)
+                floor.count(len(chunk))
+            body = b"".join(parts)
         except socket.timeout:
             raise DeadlineExceeded(f"{what}: no data from {self.endpoint.host} for {self.timeout:g}s") from None
         finally:
@@ -386,11 +398,16 @@ class RegistryClient:
         digest: str,
         destination: BinaryIO,
         expected_size: int | None = None,
-        cancelled: Callable[[], bool] = lambda: False,
+        cancelled: Callable[[], str] = lambda: "",
     ) -> int:
         """Stream a blob into `destination`, verifying size and digest;
         returns its size. Raises FailedPrecondition on a digest mismatch, so
-        the caller must discard what was written unless this returns."""
+        the caller must discard what was written unless this returns.
+        `cancelled` says why the blob is no longer wanted ("" while it is).
+
+        Reads take what has arrived (read1), so a registry dribbling bytes
+        is seen at once by the rate floor and the cancellation check rather
+        than after a whole chunk."""
         algorithm, _, expected_hex = digest.partition(":")
         if algorithm not in ("sha256", "sha512"):
             raise FailedPrecondition(f"blob {digest}: unsupported digest algorithm {algorithm!r}")
@@ -398,13 +415,22 @@ class RegistryClient:
         what = f"blob {digest} of {self.name}"
         response = self.request("GET", f"/v2/{self.repository}/blobs/{digest}")
         self._raise_for_status(response, what)
+        announced = response.getheader("Content-Length")
+        if expected_size is not None and announced is not None and announced.isdigit() and int(announced) > expected_size:
+            response.close()
+            raise FailedPrecondition(
+                f"{what}: size mismatch, the registry announces {announced} bytes, the manifest declares "
+                f"{expected_size}; nothing was stored"
+            )
         size = 0
+        floor = RateFloor(self.min_rate, self.rate_window, what, self.endpoint.host)
         try:
             while True:
-                if cancelled():
-                    raise Cancelled(f"{what}: download cancelled")
+                reason = cancelled()
+                if reason:
+                    raise Cancelled(f"{what}: download stopped after {size} bytes: {reason}")
                 try:
-                    chunk = response.read(CHUNK_BYTES)
+                    chunk = response.read1(CHUNK_BYTES)
                 except socket.timeout:
                     raise DeadlineExceeded(
                         f"{what}: download stalled, no data from {self.endpoint.host} for {self.timeout:g}s"
@@ -422,6 +448,7 @@ class RegistryClient:
                     )
                 hasher.update(chunk)
                 destination.write(chunk)
+                floor.count(len(chunk))
         finally:
             response.close()
         if expected_size is not None and size != expected_size:

@@ -1,4 +1,5 @@
-"""Container root filesystems: one overlayfs mount per container.
+"""Container root filesystems: one overlayfs mount per container, and its
+image volumes (CRI Mount.image): a read-only overlay of another image's layers.
 
 The image's layers are the lower dirs (top layer first), the container gets
 its own upper and work dirs. The record is written before anything is made
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import mounts
+from common import mounts, state
 from services.imaged.store import Store
 
 log = logging.getLogger("pyrio.imaged.rootfs")
@@ -37,49 +38,76 @@ class RootfsManager:
         return {"base": base, "upper": base / "upper", "work": base / "work", "merged": base / "merged", "empty": base / "empty"}
 
     def mount(self, record: dict[str, Any]) -> str:
-        """Mount (or find mounted) the record's overlay; returns the merged dir."""
+        """Mount (or find mounted) the record's overlay and its image volumes;
+        returns the merged dir."""
         paths = self.paths(record["container_id"])
-        for key in ("upper", "work", "merged"):
-            paths[key].mkdir(parents=True, exist_ok=True)
+        # The base dir is what keeps host users out of the mounted rootfs;
+        # upper's mode becomes the container's "/", which a non-root
+        # container user must be able to traverse.
+        state.private_dir(paths["base"])
+        for key in ("upper", "work", "merged", "empty"):
+            paths[key].mkdir(mode=0o755, exist_ok=True)
         merged = str(paths["merged"])
-        if mounts.is_mount_point(merged):
-            return merged
-        layers = list(reversed(record["layers"]))
-        if not layers:
-            # overlayfs needs a lower dir; an image without layers gets an empty one.
-            paths["empty"].mkdir(exist_ok=True)
-            lower = [str(paths["empty"])]
-        else:
-            lower = [str(self.store.layer_diff(diff_id)) for diff_id in layers]
-        options = f"lowerdir={':'.join(lower)},upperdir={paths['upper']},workdir={paths['work']}"
-        if len(options) <= MAX_MOUNT_DATA:
-            mounts.mount("overlay", merged, "overlay", 0, options)
-            return merged
-        short = [self.store.short_link(diff_id) for diff_id in layers]
-        relative_base = paths["base"].relative_to(self.store.root)
-        options = f"lowerdir={':'.join(short)},upperdir={relative_base}/upper,workdir={relative_base}/work"
-        if len(options) > MAX_MOUNT_DATA:
-            raise OSError(f"image has too many layers ({len(layers)}) for one overlay mount")
-        result = subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", options, merged],
-            cwd=self.store.root, capture_output=True, text=True, timeout=60,
-        )
-        if result.returncode != 0:
-            raise OSError(f"mount overlay on {merged}: {result.stderr.strip()}")
+        if not mounts.is_mount_point(merged):
+            self._overlay(merged, record["layers"], paths, writable=True)
+        for index, volume in enumerate(record.get("image_volumes") or []):
+            target = self.volume_path(record["container_id"], index)
+            target.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if not mounts.is_mount_point(str(target)):
+                self._overlay(str(target), volume["layers"], paths, writable=False)
         return merged
 
+    def volume_path(self, container_id: str, index: int) -> Path:
+        """Where the container's `index`th image volume is mounted."""
+        return self.paths(container_id)["base"] / "volumes" / str(index)
+
+    def _overlay(self, target: str, layer_ids: list[str], paths: dict[str, Path], writable: bool) -> None:
+        """An overlay of the layers (top first) on target: with the
+        container's upper and work dirs, or read-only (an image volume: the
+        layers themselves, no copy; overlayfs wants two lower dirs without an
+        upper one, the empty dir is the second)."""
+        layers = list(reversed(layer_ids))
+        lower = [str(self.store.layer_diff(diff_id)) for diff_id in layers]
+        if writable:
+            # overlayfs needs a lower dir; an image without layers gets an empty one.
+            options = f"lowerdir={':'.join(lower or [str(paths['empty'])])},upperdir={paths['upper']},workdir={paths['work']}"
+        else:
+            options = f"lowerdir={':'.join([*lower, str(paths['empty'])])}"
+        if len(options) <= MAX_MOUNT_DATA:
+            mounts.mount("overlay", target, "overlay", mounts.MS_RDONLY if not writable else 0, options)
+            return
+        short = [self.store.short_link(diff_id) for diff_id in layers]
+        relative_base = paths["base"].relative_to(self.store.root)
+        if writable:
+            options = f"lowerdir={':'.join(short)},upperdir={relative_base}/upper,workdir={relative_base}/work"
+        else:
+            options = f"lowerdir={':'.join([*short, f'{relative_base}/empty'])}"
+        if len(options) > MAX_MOUNT_DATA:
+            raise OSError(f"image has too many layers ({len(layers)}) for one overlay mount")
+        command = ["mount", "-t", "overlay", "overlay", "-o", options if writable else f"ro,{options}", target]
+        result = subprocess.run(command, cwd=self.store.root, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise OSError(f"mount overlay on {target}: {result.stderr.strip()}")
+
     def unmount(self, container_id: str) -> None:
-        merged = str(self.paths(container_id)["merged"])
+        """Unmount the container's image volumes and its root filesystem."""
+        volumes = self.paths(container_id)["base"] / "volumes"
+        for point in mounts.mounts_under(str(volumes)) if volumes.is_dir() else []:
+            self._unmount_one(point)
+        self._unmount_one(str(self.paths(container_id)["merged"]))
+
+    @staticmethod
+    def _unmount_one(target: str) -> None:
         for _ in range(50):
             try:
-                if not mounts.umount(merged):
+                if not mounts.umount(target):
                     return
             except OSError as exc:
                 if exc.errno == 16:  # EBUSY: a process still has it open; retry, then detach
                     time.sleep(0.1)
                     continue
                 raise
-        mounts.umount(merged, lazy=True)
+        mounts.umount(target, lazy=True)
 
     def remove(self, container_id: str) -> None:
         self.unmount(container_id)

@@ -10,6 +10,10 @@
     <store_dir>/rootfs/<id>/           upper, work, merged of a container
     <store_dir>/tmp/                   downloads and unpacks in progress
 
+Every directory of the store is 0700 (fixed at start for stores made
+laxer): layers and rootfs hold whatever an image brought, setuid-root
+programs and 0666 device nodes included, and no host user may reach them.
+
 Every step that commits is a rename (of a verified blob, of a fully
 unpacked layer directory) or an atomic record write, so a SIGKILL leaves
 either nothing or a complete object; `tmp/` is emptied at start, and layers
@@ -73,17 +77,36 @@ class Store:
     # --- start-up -----------------------------------------------------------
 
     def open(self) -> None:
-        for directory in (self.blobs, self.layers, self.links, self.images, self.containers, self.rootfs):
-            directory.mkdir(parents=True, exist_ok=True)
+        # Every directory 0700, existing ones included: a layer tree holds
+        # whatever its image brought (setuid-root programs, 0666 device
+        # nodes), which no host user may reach, as containers-storage does.
+        state.private_dir(self.root)
+        for directory in (self.blobs.parent, self.blobs, self.layers, self.links, self.images, self.containers, self.rootfs):
+            state.private_dir(directory)
+        for parent in (self.layers, self.rootfs):
+            for entry in parent.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    os.chmod(entry, state.PRIVATE_DIR_MODE)
         # Whatever is in tmp/ belongs to a pull a crash interrupted.
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        state.private_dir(self.tmp)
         for directory in (self.images, self.containers, self.blobs):
             state.remove_stale_temp_files(directory)
         self.collect_garbage()
 
     def temp_path(self, kind: str) -> Path:
         return self.tmp / f"{kind}-{uuid.uuid4().hex}"
+
+    def make_layer_staging(self) -> Path:
+        """A new private staging dir with an empty `diff/` inside. The diff's
+        own mode is the one a layer's root directory gets (0755, like any
+        unpacked tree); the 0700 staging dir, renamed into place as the
+        layer dir, is what keeps host users out."""
+        staging = self.temp_path("layer")
+        os.mkdir(staging, state.PRIVATE_DIR_MODE)
+        os.mkdir(staging / "diff", 0o755)
+        os.chmod(staging / "diff", 0o755)
+        return staging
 
     # --- blobs --------------------------------------------------------------
 
@@ -217,7 +240,12 @@ class Store:
         state.remove_file(self.container_path(container_id))
 
     def containers_using(self, image_id: str) -> list[str]:
-        return sorted(record["container_id"] for record in self.list_containers() if record.get("image_id") == image_id)
+        """Containers whose rootfs or one of whose image volumes is the image."""
+        return sorted(
+            record["container_id"] for record in self.list_containers()
+            if record.get("image_id") == image_id
+            or any(volume.get("image_id") == image_id for volume in record.get("image_volumes") or [])
+        )
 
     # --- garbage ------------------------------------------------------------
 
@@ -234,6 +262,8 @@ class Store:
                 wanted_blobs.update(hex_of(digest) for digest in record.get("blobs", []))
             for record in containers:
                 wanted_layers.update(record.get("layers", []))
+                for volume in record.get("image_volumes") or []:
+                    wanted_layers.update(volume.get("layers", []))
             removed_layers = removed_blobs = 0
             for entry in list(self.layers.iterdir()):
                 if f"sha256:{entry.name}" not in wanted_layers:

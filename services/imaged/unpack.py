@@ -27,11 +27,13 @@ import shutil
 import stat
 import tarfile
 import zlib
-from typing import BinaryIO
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
 
 import zstandard
 
-from common.errors import FailedPrecondition
+from common.errors import FailedPrecondition, InvalidArgument
+from services.imaged.space import CHECK_EVERY_BYTES
 
 log = logging.getLogger("pyrio.imaged.unpack")
 
@@ -43,22 +45,60 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+NAME_MAX = 255
+PATH_MAX = 4096
+SHOWN_NAME_CHARACTERS = 100
+# What the kernel answers for an entry no file can be made of (a name or
+# path too long, an xattr malformed or too big): the layer is wrong.
+INVALID_ENTRY_ERRNOS = (errno.ENAMETOOLONG, errno.EINVAL, errno.ERANGE, errno.E2BIG)
+# How often (in bytes of tar stream) an unpack looks at the free space left.
+SPACE_CHECK_BYTES = CHECK_EVERY_BYTES
+
+
 class UnsafeLayer(FailedPrecondition):
     """A layer entry that would write outside the layer directory."""
 
 
-class _HashingReader:
-    """A read-only stream that hashes and counts what passes through."""
+class LayerTooLarge(FailedPrecondition):
+    """A layer that expands past image.max_layer_size (a decompression bomb)."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+
+@dataclass
+class UnpackLimits:
+    """What one layer may cost the node.
+
+    max_bytes bounds the uncompressed tar stream, so every byte written
+    (file data, headers) and every sparse file's apparent size; check_space
+    raises when the store's filesystem reaches its reserve."""
+
+    max_bytes: int
+    check_space: Callable[[], None] = lambda: None
+
+
+class _HashingReader:
+    """A read-only stream that hashes and counts what passes through, and
+    stops a stream that grows past the layer's bound."""
+
+    def __init__(self, raw: BinaryIO, layer_digest: str, limits: UnpackLimits) -> None:
         self.raw = raw
         self.hasher = hashlib.sha256()
         self.size = 0
+        self.layer_digest = layer_digest
+        self.limits = limits
+        self._next_space_check = SPACE_CHECK_BYTES
 
     def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
+        data = self.raw.read(min(size, CHUNK_BYTES) if size >= 0 else CHUNK_BYTES)
         self.hasher.update(data)
         self.size += len(data)
+        if self.size > self.limits.max_bytes:
+            raise LayerTooLarge(
+                f"layer {self.layer_digest} expands to more than {self.limits.max_bytes} bytes "
+                "(image.max_layer_size); refusing it, nothing was stored"
+            )
+        if self.size >= self._next_space_check:
+            self._next_space_check += SPACE_CHECK_BYTES
+            self.limits.check_space()
         return data
 
     def drain(self) -> None:
@@ -78,22 +118,42 @@ def _decompressed(blob: BinaryIO) -> BinaryIO:
     return blob
 
 
+def shown(name: str) -> str:
+    """A layer entry's name for a message: cut, because a hostile one may be
+    megabytes long."""
+    if len(name) <= SHOWN_NAME_CHARACTERS:
+        return repr(name)
+    return f"{name[:SHOWN_NAME_CHARACTERS]!r}... ({len(name)} characters)"
+
+
 def clean_name(name: str, layer_digest: str) -> str:
     """The entry's path relative to the layer root ("" for the root itself)."""
     if name.startswith("/"):
-        raise UnsafeLayer(f"layer {layer_digest}: entry {name!r} has an absolute path; refusing the layer")
+        raise UnsafeLayer(f"layer {layer_digest}: entry {shown(name)} has an absolute path; refusing the layer")
     normalised = posixpath.normpath(name)
     if normalised == ".":
         return ""
     if normalised == ".." or normalised.startswith("../"):
-        raise UnsafeLayer(f"layer {layer_digest}: entry {name!r} points outside the layer; refusing the layer")
+        raise UnsafeLayer(f"layer {layer_digest}: entry {shown(name)} points outside the layer; refusing the layer")
+    longest = max(len(part.encode("utf-8", "surrogateescape")) for part in normalised.split("/"))
+    if longest > NAME_MAX:
+        raise InvalidLayer(
+            f"layer {layer_digest}: entry {shown(name)} has a name component of {longest} bytes, more than the "
+            f"{NAME_MAX} a Linux file name may have; refusing the layer"
+        )
     return normalised
 
 
+class InvalidLayer(InvalidArgument):
+    """A layer entry no filesystem can take as given (a malformed sparse map,
+    xattr or name): the image is wrong, not the node."""
+
+
 class LayerExtractor:
-    def __init__(self, root: str, layer_digest: str) -> None:
+    def __init__(self, root: str, layer_digest: str, max_bytes: int) -> None:
         self.root = root
         self.layer_digest = layer_digest
+        self.max_bytes = max_bytes
         self._dir_times: list[tuple[str, float]] = []
 
     def _path(self, relative: str) -> str:
@@ -112,7 +172,7 @@ class LayerExtractor:
                 continue
             if stat.S_ISLNK(info.st_mode):
                 raise UnsafeLayer(
-                    f"layer {self.layer_digest}: entry {entry_name!r} would be written through the symlink "
+                    f"layer {self.layer_digest}: entry {shown(entry_name)} would be written through the symlink "
                     f"{os.path.relpath(current, self.root)!r}; refusing the layer"
                 )
             if not stat.S_ISDIR(info.st_mode):
@@ -149,6 +209,11 @@ class LayerExtractor:
             try:
                 os.setxattr(path, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
             except OSError as exc:
+                if exc.errno in INVALID_ENTRY_ERRNOS:
+                    raise InvalidLayer(
+                        f"layer {self.layer_digest}: entry {shown(member.name)} has an xattr {shown(name)} the kernel "
+                        f"refuses ({exc.strerror}); refusing the layer"
+                    ) from None
                 if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
                     raise
                 log.warning("cannot set xattr %s on %s: %s", name, member.name, exc)
@@ -165,10 +230,29 @@ class LayerExtractor:
             return
         hidden = base[len(WHITEOUT_PREFIX):]
         if not hidden or hidden in (".", ".."):
-            raise UnsafeLayer(f"layer {self.layer_digest}: malformed whiteout {member.name!r}")
+            raise UnsafeLayer(f"layer {self.layer_digest}: malformed whiteout {shown(member.name)}")
         target = self._safe_parent(posixpath.join(parent_relative, hidden), member.name)
         self._remove(target)
         os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+    def extract_checked(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        """extract_member, with what the kernel refuses to make of the entry
+        told as the layer's fault (not a failure of the node)."""
+        clean_name(member.name, self.layer_digest)  # its own refusals first
+        if len(self.root) + 1 + len(member.name.encode("utf-8", "surrogateescape")) >= PATH_MAX:
+            raise InvalidLayer(
+                f"layer {self.layer_digest}: entry {shown(member.name)} has a path of {len(member.name)} characters, "
+                f"too long to unpack (PATH_MAX is {PATH_MAX} bytes); refusing the layer"
+            )
+        try:
+            self.extract_member(member, tar)
+        except OSError as exc:
+            if exc.errno not in INVALID_ENTRY_ERRNOS:
+                raise
+            raise InvalidLayer(
+                f"layer {self.layer_digest}: entry {shown(member.name)} cannot be unpacked ({exc.strerror}); "
+                "refusing the layer"
+            ) from None
 
     def extract_member(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         relative = clean_name(member.name, self.layer_digest)
@@ -188,22 +272,25 @@ class LayerExtractor:
             return
         self._remove(path)
         if member.isreg():
-            source = tar.extractfile(member)
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(descriptor, "wb") as output:
-                assert source is not None
-                while chunk := source.read(CHUNK_BYTES):
-                    output.write(chunk)
+                if member.sparse is not None:
+                    self._write_sparse(member, tar, output)
+                else:
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    while chunk := source.read(CHUNK_BYTES):
+                        output.write(chunk)
         elif member.issym():
             os.symlink(member.linkname, path)
         elif member.islnk():
             target_relative = clean_name(member.linkname, self.layer_digest)
             if not target_relative:
-                raise UnsafeLayer(f"layer {self.layer_digest}: hard link {member.name!r} points at the layer root")
+                raise UnsafeLayer(f"layer {self.layer_digest}: hard link {shown(member.name)} points at the layer root")
             target = self._safe_parent(target_relative, member.name)
             if not os.path.lexists(target):
                 raise UnsafeLayer(
-                    f"layer {self.layer_digest}: hard link {member.name!r} -> {member.linkname!r}: "
+                    f"layer {self.layer_digest}: hard link {shown(member.name)} -> {shown(member.linkname)}: "
                     "the target is not in this layer; refusing the layer"
                 )
             os.link(target, path, follow_symlinks=False)
@@ -218,23 +305,54 @@ class LayerExtractor:
             return
         self._apply_metadata(path, member)
 
+    def _write_sparse(self, member: tarfile.TarInfo, tar: tarfile.TarFile, output: BinaryIO) -> None:
+        """Write a sparse member's data segments where they go and leave its
+        holes as holes: a few hundred bytes of tar may describe gigabytes
+        of zeros, which must cost no disk."""
+        if member.size > self.max_bytes:
+            raise LayerTooLarge(
+                f"layer {self.layer_digest}: sparse file {shown(member.name)} is {member.size} bytes, more than the "
+                f"{self.max_bytes} a layer may expand to (image.max_layer_size); refusing it, nothing was stored"
+            )
+        end = 0
+        for offset, length in member.sparse or []:
+            if offset < end or length < 0 or offset + length > member.size:
+                raise InvalidLayer(
+                    f"layer {self.layer_digest}: sparse file {shown(member.name)} has a malformed sparse map; "
+                    "refusing the layer"
+                )
+            end = offset + length
+        # The segments' data lie one after another in the archive.
+        stream = tar.fileobj
+        assert stream is not None
+        stream.seek(member.offset_data)
+        for offset, length in member.sparse or []:
+            output.seek(offset)
+            while length > 0:
+                chunk = stream.read(min(length, CHUNK_BYTES))
+                if not chunk:
+                    raise InvalidLayer(f"layer {self.layer_digest}: sparse file {shown(member.name)} is truncated")
+                output.write(chunk)
+                length -= len(chunk)
+        output.truncate(member.size)
+
     def finish(self) -> None:
         # Directory times last: creating entries inside changed them.
         for path, mtime in reversed(self._dir_times):
             os.utime(path, (mtime, mtime), follow_symlinks=False)
 
 
-def unpack_layer(blob_path: str, target_dir: str, layer_digest: str) -> tuple[str, int]:
+def unpack_layer(blob_path: str, target_dir: str, layer_digest: str, limits: UnpackLimits) -> tuple[str, int]:
     """Extract the layer blob at `blob_path` into the empty `target_dir`.
 
     Returns (diff id, size of the uncompressed tar)."""
-    extractor = LayerExtractor(target_dir, layer_digest)
+    extractor = LayerExtractor(target_dir, layer_digest, limits.max_bytes)
     with open(blob_path, "rb") as blob:
-        stream = _HashingReader(_decompressed(blob))
+        stream = _HashingReader(_decompressed(blob), layer_digest, limits)
         try:
             with tarfile.open(fileobj=stream, mode="r|", errorlevel=2) as tar:  # type: ignore[call-overload]
                 for member in tar:
-                    extractor.extract_member(member, tar)
+                    extractor.extract_checked(member, tar)
             stream.drain()  # the tar's end padding counts in the diff id
         except (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError) as exc:
             if isinstance(exc, OSError) and exc.errno not in (None, 0) and not isinstance(exc, gzip.BadGzipFile):

@@ -17,6 +17,8 @@ import time
 from typing import Any
 
 from common import mounts
+from common.cgroups import CgroupManager, manager_for
+from common.cgroups.parent_check import check_cgroup_parent
 from common.config import Config
 from common.errors import Internal, InvalidArgument, NotFound, PyrioError
 from common.ids import new_id
@@ -29,7 +31,6 @@ log = logging.getLogger("pyrio.netd.sandboxes")
 
 # CRI NamespaceMode numbers, as carried in the PodSandboxConfig dict.
 NAMESPACE_MODES = {0: "POD", 1: "CONTAINER", 2: "NODE", 3: "TARGET"}
-MAX_HOSTNAME_LENGTH = 64
 
 
 def _namespace_options(config: dict[str, Any]) -> dict[str, str]:
@@ -53,6 +54,7 @@ def _validate_port_mappings(port_mappings: list[dict[str, Any]]) -> None:
             raise InvalidArgument(f"port mapping {mapping} has a port outside 1-65535")
         if int(mapping.get("protocol", 0)) not in (0, 1, 2):
             raise InvalidArgument(f"port mapping {mapping} has an unknown protocol")
+        pod_files.validate_host_ip(str(mapping.get("host_ip", "")))
 
 
 class SandboxManager:
@@ -62,8 +64,13 @@ class SandboxManager:
         self.run_dir = config.pyrio.run_dir
         self.store = SandboxStore(self.state_dir / "sandboxes")
         self.cni = CniRunner(config, self.state_dir / "cni")
-        # PID holders started by this netd process, to reap them when stopped.
-        self._holders: dict[int, Any] = {}
+        self._cgroup_manager: CgroupManager | None = None
+
+    def _cgroups(self) -> CgroupManager:
+        """The node's cgroup manager, made on first use (pod cgroup parents, the PID holder's cgroup)."""
+        if self._cgroup_manager is None:
+            self._cgroup_manager = manager_for(self.config.runtime.cgroup_manager)
+        return self._cgroup_manager
 
     # --- RunPodSandbox ----------------------------------------------------------
 
@@ -80,10 +87,14 @@ class SandboxManager:
         )
         port_mappings = config.get("port_mappings") or []
         _validate_port_mappings(port_mappings)
-        pod_files.resolv_conf_text(config.get("dns_config"))  # InvalidArgument before anything exists
+        # InvalidArgument before anything exists.
+        pod_files.validate_dns_config(config.get("dns_config"))
+        pod_files.validate_log_directory(config.get("log_directory", ""))
+        check_cgroup_parent((config.get("linux") or {}).get("cgroup_parent") or self.config.runtime.cgroup_parent,
+                            self._cgroups(), self.config.runtime.cgroup_parent_root)
         hostname = config.get("hostname", "")
-        if len(hostname) > MAX_HOSTNAME_LENGTH:
-            raise InvalidArgument(f"hostname {hostname!r} is longer than {MAX_HOSTNAME_LENGTH} characters")
+        if hostname:
+            pod_files.validate_hostname(hostname)
         # Without a usable network a pod-network sandbox cannot run; a
         # hostNetwork one can (that is how a CNI plugin's own pods start).
         network = None if host_network else load_network(self.config)
@@ -153,8 +164,13 @@ class SandboxManager:
         namespaces.pin_namespaces(pins, record["hostname"] if "uts" in pins else "", pod_sysctls)
         if record["namespaces"]["pid"]:
             holder = namespaces.start_pid_holder(record["namespaces"]["pid"], sandbox_id)
-            self._holders[holder.pid] = holder
-            record["pid_holder"] = holder.pid
+            record["pid_holder"] = holder
+            self.store.save(record)
+            # In the pod's cgroup, as a pause container would be: its memory
+            # is the pod's, and it is not left in netd's (or the root) cgroup.
+            record["pid_holder_cgroup"] = self._cgroups().apply(
+                holder, record["cgroup_parent"], holder_cgroup_name(sandbox_id), f"pyrio PID 1 of pod {sandbox_id}"
+            )
             self.store.save(record)
         if network is not None:
             result = self.cni.add(
@@ -195,7 +211,19 @@ class SandboxManager:
             # Killed between starting the holder and saving its pid: find it.
             pids = [pid for pid in _all_pids() if namespaces.is_pid_holder(pid, record["id"])]
         for pid in pids:
-            namespaces.stop_pid_holder(pid, record["id"], self._holders)
+            namespaces.stop_pid_holder(pid, record["id"])
+        if record.get("pid_holder"):
+            # Named before it is made: a netd killed in between still finds it.
+            self._cgroups().remove(record.get("pid_holder_cgroup") or self._holder_cgroup(record))
+
+    def _holder_cgroup(self, record: dict[str, Any]) -> str:
+        """Where CgroupManager.apply puts the holder (a directory, or a scope with systemd)."""
+        try:
+            parent = self._cgroups().parent_cgroup(record["cgroup_parent"])
+        except InvalidArgument:
+            return ""
+        suffix = ".scope" if self._cgroups().systemd else ""
+        return f"{parent.rstrip('/')}/{holder_cgroup_name(record['id'])}{suffix}"
 
     def _discard(self, record: dict[str, Any]) -> None:
         """Undo a run that failed or was interrupted, then forget it.
@@ -292,18 +320,30 @@ class SandboxManager:
             self.cni.check(sandbox_id)
 
 
+def holder_cgroup_name(sandbox_id: str) -> str:
+    return f"pyrio-pod-{sandbox_id}"
+
+
 def _current_state(record: dict[str, Any]) -> str:
     """The state as it stands now: a ready pod whose network namespace pin
-    vanished (the run dir was wiped under a running netd) is not ready."""
-    if record["state"] == READY and record["namespaces"]["network"] and not os.path.exists(
-        record["namespaces"]["network"]
+    vanished (the run dir was wiped under a running netd), or whose PID 1 is
+    gone (killed from the node: nothing in the pod can), is not ready."""
+    if record["state"] != READY:
+        return record["state"]
+    if record["namespaces"]["network"] and not os.path.exists(record["namespaces"]["network"]):
+        return NOTREADY
+    if record["namespace_options"]["pid"] == "POD" and not namespaces.is_pid_holder(
+        int(record.get("pid_holder") or 0), record["id"]
     ):
         return NOTREADY
-    return record["state"]
+    return READY
 
 
 def _current(record: dict[str, Any]) -> dict[str, Any]:
-    record["state"] = _current_state(record)
+    state = _current_state(record)
+    if state != record["state"] and record["namespace_options"]["pid"] == "POD":
+        namespaces.reap(int(record.get("pid_holder") or 0))
+    record["state"] = state
     return record
 
 

@@ -7,7 +7,9 @@ namespace (a hostIPC pod uses the node's /dev/shm).
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,62 @@ from common.state import atomic_write_bytes
 
 HOST_RESOLV_CONF = "/etc/resolv.conf"
 HOST_SHM = "/dev/shm"
+# Linux's HOST_NAME_MAX; the kubelet sends a DNS label (63) for pod networks,
+# the node's own name for hostNetwork pods.
+MAX_HOSTNAME_LENGTH = 64
+# An RFC 1123 label: letters, digits and inner hyphens, 1-63 characters.
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def validate_hostname(hostname: str) -> None:
+    """InvalidArgument unless `hostname` is an RFC 1123 subdomain that fits a UTS name.
+
+    The kubelet validates a pod's hostname as a DNS label; a hostNetwork
+    pod's is the node's, which may have dots and capitals (RFC 1123 allows
+    both). Anything else (a newline, a space) would reach /etc/hosts.
+    """
+    if len(hostname) > MAX_HOSTNAME_LENGTH:
+        raise InvalidArgument(f"hostname {hostname!r} is longer than {MAX_HOSTNAME_LENGTH} characters")
+    if not all(_LABEL.fullmatch(label) for label in hostname.split(".")):
+        raise InvalidArgument(
+            f"hostname {hostname!r} is not an RFC 1123 name: dot-separated labels of letters, digits "
+            "and inner hyphens, each 1-63 characters"
+        )
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def validate_dns_config(dns_config: dict[str, Any] | None) -> None:
+    """InvalidArgument for a DNS server that is not an IP address, or a
+    search or option that is empty or holds whitespace or a control character."""
+    config = dns_config or {}
+    for server in config.get("servers", []):
+        if not _is_ip_address(server):
+            raise InvalidArgument(f"DNS server {server!r} is not an IP address")
+    for kind in ("searches", "options"):
+        for item in config.get(kind, []):
+            if not item or any(char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F for char in item):
+                raise InvalidArgument(f"DNS config {kind} entry {item!r} is empty or holds whitespace or a control character")
+
+
+def validate_log_directory(log_directory: str) -> None:
+    """The kubelet's pod log directory must be absolute: a relative one
+    would land in the daemon's working directory."""
+    if not log_directory:
+        return
+    if not os.path.isabs(log_directory) or any(char in log_directory for char in "\0\n"):
+        raise InvalidArgument(f"log_directory {log_directory!r} must be an absolute path without NUL or newline")
+
+
+def validate_host_ip(host_ip: str) -> None:
+    if host_ip and not _is_ip_address(host_ip):
+        raise InvalidArgument(f"port mapping host_ip {host_ip!r} is not an IP address")
 
 
 def resolv_conf_text(dns_config: dict[str, Any] | None) -> str:
@@ -30,9 +88,7 @@ def resolv_conf_text(dns_config: dict[str, Any] | None) -> str:
             return Path(HOST_RESOLV_CONF).read_text()
         except FileNotFoundError:
             return ""
-    for item in servers + searches + options:
-        if not item or any(char.isspace() for char in item):
-            raise InvalidArgument(f"DNS config entry {item!r} is empty or contains whitespace")
+    validate_dns_config(dns_config)
     lines = [f"nameserver {server}" for server in servers]
     if searches:
         lines.append("search " + " ".join(searches))

@@ -1,16 +1,29 @@
-"""Pod sysctls: which are safe, and in which pod namespace each one lives.
+"""Pod sysctls: which can be applied, in which pod namespace, at which path.
 
-The kubelet sends `LinuxPodSandboxConfig.sysctls`; pyrio applies the
-sysctls Kubernetes documents as safe (namespaced, and unable to affect other
-pods or the node) and the namespaced ones the operator allowed in
-`runtime.allowed_unsafe_sysctls` (the kubelet's --allowed-unsafe-sysctls),
-and refuses every other name with InvalidArgument rather than writing a
-node-wide knob by accident.
+The kubelet is the policy point (its --allowed-unsafe-sysctls, and the
+safe set it always allows): like containerd and CRI-O, pyrio applies every
+namespaced sysctl the kubelet sends (net.*, kernel.shm*, kernel.msg*,
+kernel.sem, fs.mqueue.*) in the pod's own namespaces, and refuses with
+InvalidArgument only a sysctl that is not namespaced (it would change the
+node), or whose namespace the pod shares with the node (net.* on a
+hostNetwork pod, the IPC ones on a hostIPC pod).
+`runtime.allowed_unsafe_sysctls` is an optional extra restriction of the
+node's operator: by default ["*"], no restriction; otherwise the safe set
+and the names or prefixes it lists.
+
+Names: the kubelet normalizes a pod's sysctl names to the dotted form, in
+which a "/" stands for a dot inside one component (an interface name such
+as "eno2.100": `net.ipv4.conf.eno2/100.rp_filter`); a name that starts in
+the slash form (`net/ipv4/conf/eno2.100/rp_filter`) is normalized the same
+way. A component that is empty, "." or "..", and a name or value with a
+newline or NUL, are refused: they could only point outside the sysctl.
 """
 
 from __future__ import annotations
 
 from common.errors import InvalidArgument
+
+PROC_SYS = "/proc/sys/"
 
 # Kubernetes' safe set (pkg/kubelet/sysctl/safe_sysctls.go), with the
 # namespace each belongs to.
@@ -29,8 +42,8 @@ SAFE_SYSCTLS: dict[str, str] = {
     "net.ipv4.tcp_wmem": "net",
 }
 
-
-# Prefixes of the sysctls that live in a pod namespace, and which one.
+# Prefixes of the sysctls that live in a pod namespace, and which one
+# (the kubelet's and runc's lists).
 NAMESPACED_PREFIXES: tuple[tuple[str, str], ...] = (
     ("net.", "net"),
     ("kernel.shm", "ipc"),
@@ -38,6 +51,8 @@ NAMESPACED_PREFIXES: tuple[tuple[str, str], ...] = (
     ("kernel.sem", "ipc"),
     ("fs.mqueue.", "ipc"),
 )
+
+NAMESPACE_MODE = {"net": "hostNetwork", "ipc": "hostIPC"}
 
 
 def namespace_of(name: str) -> str | None:
@@ -48,17 +63,34 @@ def namespace_of(name: str) -> str | None:
     return None
 
 
+def normalize(name: str) -> str:
+    """The dotted form of a sysctl name, as the kubelet's NormalizeName:
+    a name whose first separator is "/" has its dots and slashes swapped."""
+    first = min((index for index in (name.find("."), name.find("/")) if index >= 0), default=-1)
+    if first < 0 or name[first] == ".":
+        return name
+    return name.translate(str.maketrans("./", "/."))
+
+
+def proc_path(name: str) -> str:
+    """/proc/sys path of a dotted sysctl name; InvalidArgument if it could point elsewhere."""
+    components = [component.replace("/", ".") for component in name.split(".")]
+    if any(component in ("", ".", "..") for component in components) or any(
+        char.isspace() or char == "\0" for char in name
+    ):
+        raise InvalidArgument(
+            f"sysctl name {name!r} is malformed: it needs dot-separated components, none empty, "
+            "'.' or '..', and no whitespace or NUL"
+        )
+    return PROC_SYS + "/".join(components)
+
+
 def _allowed_unsafe(name: str, allowed: list[str]) -> bool:
     for pattern in allowed:
-        pattern = normalize(pattern)
+        pattern = normalize(pattern.strip())
         if name == pattern or (pattern.endswith("*") and name.startswith(pattern[:-1])):
             return True
     return False
-
-
-def normalize(name: str) -> str:
-    # The kubelet accepts both "net.ipv4.x" and "net/ipv4/x".
-    return name.strip().replace("/", ".")
 
 
 def validate(
@@ -67,25 +99,28 @@ def validate(
     """The sysctls to write, by normalized name, or InvalidArgument.
 
     `private_namespaces` holds the kinds ("net", "ipc") the pod gets its own
-    namespace of: a safe sysctl of a namespace shared with the node would
-    change the node, so it is refused too.
+    namespace of. `allowed_unsafe` None means no extra restriction.
     """
     accepted: dict[str, str] = {}
     for raw_name, value in sorted(sysctls.items()):
         name = normalize(raw_name)
-        kind = SAFE_SYSCTLS.get(name)
-        if kind is None and _allowed_unsafe(name, allowed_unsafe or []):
-            kind = namespace_of(name)
+        proc_path(name)
+        kind = namespace_of(name)
         if kind is None:
             raise InvalidArgument(
-                f"sysctl {raw_name!r} is not allowed: pyrio applies the Kubernetes safe sysctls "
-                f"({', '.join(sorted(SAFE_SYSCTLS))}) and the namespaced ones listed in "
-                "runtime.allowed_unsafe_sysctls"
+                f"sysctl {raw_name!r} is not namespaced: setting it in a pod would change the node "
+                "(pods may set net.*, kernel.shm*, kernel.msg*, kernel.sem and fs.mqueue.*)"
+            )
+        if allowed_unsafe is not None and name not in SAFE_SYSCTLS and not _allowed_unsafe(name, allowed_unsafe):
+            raise InvalidArgument(
+                f"sysctl {raw_name!r} is not allowed on this node: runtime.allowed_unsafe_sysctls "
+                f"is {allowed_unsafe} (beyond Kubernetes' safe set)"
             )
         if kind not in private_namespaces:
-            mode = "hostNetwork" if kind == "net" else "hostIPC"
-            raise InvalidArgument(f"sysctl {raw_name!r} cannot be set on a {mode} pod: it would change the node")
+            raise InvalidArgument(
+                f"sysctl {raw_name!r} cannot be set on a {NAMESPACE_MODE[kind]} pod: it would change the node"
+            )
         if not isinstance(value, str) or "\n" in value or "\0" in value:
-            raise InvalidArgument(f"sysctl {raw_name!r} has an invalid value {value!r}")
+            raise InvalidArgument(f"sysctl {raw_name!r} has an invalid value {value!r}: no newline or NUL")
         accepted[name] = value
     return accepted

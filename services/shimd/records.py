@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from common.config import Config
-from common.errors import NotFound
+from common.errors import NotFound, PyrioError
 from common.ids import resolve_id
 from common.state import atomic_write_json, read_json, remove_stale_temp_files
 from services.shimd.liveness import InitWatch
+from services.shimd.request_files import read_regular_file
 
 CREATED, RUNNING, EXITED, UNKNOWN = 0, 1, 2, 3  # CRI ContainerState
 STATE_NAMES = {CREATED: "CONTAINER_CREATED", RUNNING: "CONTAINER_RUNNING", EXITED: "CONTAINER_EXITED", UNKNOWN: "CONTAINER_UNKNOWN"}
@@ -210,7 +211,8 @@ class ContainerStore:
         if not source:
             return ""
         try:
-            with open(source, "rb") as handle:
-                return handle.read(MAX_TERMINATION_MESSAGE).decode(errors="replace")
-        except OSError:
+            # The kubelet's own mount may name a FIFO or a device: never block or over-read.
+            data = read_regular_file(source, MAX_TERMINATION_MESSAGE, "termination message file", truncate=True)
+        except PyrioError:
             return ""
+        return data.decode(errors="replace")

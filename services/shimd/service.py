@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from typing import Any
 
 from common.config import Config
 from common.daemon import client_for
+from common.exec_limits import MAX_EXEC_TIMEOUT_SECONDS, MAX_STOP_TIMEOUT_SECONDS, check_exec_command, clamp_timeout
 from common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -35,7 +37,9 @@ from common.errors import (
 from common.ids import new_id
 from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
-from services.shimd import cgroup_stats, oci_spec
+from common.cgroups import CgroupManager, manager_for
+from common.cgroups.parent_check import check_cgroup_parent
+from services.shimd import cgroup_leftovers, network_stats, oci_spec, pod_resources, spec_mounts, spec_resources, spec_validation
 from services.shimd.records import (
     CREATED,
     EXITED,
@@ -97,11 +101,26 @@ def cri_signal(number: int) -> int:
     return CRI_SIGNALS.index(name) if name in CRI_SIGNALS else 0
 
 
+def reported_image(record: dict[str, Any]) -> dict[str, Any]:
+    """The ImageSpec ContainerStatus and ListContainers report.
+
+    Its `image` is what the kubelet asked for (`user_specified_image`), or
+    the image's tag, never the `sha256:` id the kubelet resolved it to, as
+    containerd does: `kubectl get pod` shows it. `image_ref` and `image_id`
+    carry the digest and the id.
+    """
+    spec = dict(record["image"])
+    named = spec.get("user_specified_image") or record.get("image_name")
+    if named:
+        spec["image"] = named
+    return spec
+
+
 class ShimDaemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, cgroups: CgroupManager | None = None) -> None:
         self.config = config
         self.store = ContainerStore(config)
-        self.layout = oci_spec.CgroupLayout.detect()
+        self.cgroups = cgroups or manager_for(config.runtime.cgroup_manager)
         self.netd = client_for(config, "netd")
         self.imaged = client_for(config, "imaged")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shimd-bulk")
@@ -136,6 +155,8 @@ class ShimDaemon:
             "exec_info", "resize",
         ):
             server.register(f"container.{verb}", getattr(self, verb))
+        server.register("sandbox.update_resources", self.update_sandbox_resources)
+        server.register("sandbox.stats", self.sandbox_stats)
 
     def _finish_interrupted(self) -> None:
         """Records left half-made or half-removed by a shimd that was killed."""
@@ -194,7 +215,7 @@ class ShimDaemon:
 
     def _runtime(self, record: dict[str, Any], *args: str, timeout: float = 30.0, check: bool = True,
                  stdin: bytes | None = None) -> subprocess.CompletedProcess:
-        command = [record["runtime_path"], "--root", record["runtime_root"], *args]
+        command = [record["runtime_path"], "--root", record["runtime_root"], *record.get("runtime_flags", ()), *args]
         try:
             result = subprocess.run(command, input=stdin, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -226,9 +247,12 @@ class ShimDaemon:
             raise InvalidArgument("container config must name an image (image.image)")
         if config.get("stdin_once") and not config.get("stdin"):
             raise InvalidArgument("stdin_once needs stdin")
+        spec_validation.validate_container_config(config)
         sandbox = self._sandbox(sandbox_id)
         if sandbox.get("state") not in SANDBOX_READY_STATES:
             raise FailedPrecondition(f"pod sandbox {sandbox['id'][:12]} is not ready: cannot create containers in it")
+        check_cgroup_parent(spec_resources.pod_cgroup_parent(self.config, sandbox), self.cgroups,
+                            self.config.runtime.cgroup_parent_root)
         handler_name = sandbox.get("runtime_handler") or ""
         handler = self.config.runtime_handler(handler_name)
         attempt = int(metadata.get("attempt", 0))
@@ -239,6 +263,7 @@ class ShimDaemon:
             if not log_directory:
                 raise InvalidArgument("log_path is set but the pod sandbox has no log_directory")
             log_path = os.path.normpath(os.path.join(log_directory, config["log_path"]))
+            spec_validation.validate_log_path(log_path)
         record: dict[str, Any] = {
             "id": container_id,
             "sandbox_id": sandbox["id"],
@@ -255,6 +280,8 @@ class ShimDaemon:
             "runtime_handler": handler_name or self.config.runtime.default_runtime,
             "runtime_path": handler.path,
             "runtime_root": handler.root,
+            # runc and crun make the container's scope themselves (over D-Bus) with this flag.
+            "runtime_flags": ["--systemd-cgroup"] if self.cgroups.systemd else [],
             "tty": bool(config.get("tty")),
             "stdin": bool(config.get("stdin")),
             "stdin_once": bool(config.get("stdin_once")),
@@ -296,7 +323,8 @@ class ShimDaemon:
         config = record["config"]
         prepared = self.imaged.call(
             "rootfs.prepare",
-            {"container_id": container_id, "image": record["image"].get("image", "")},
+            {"container_id": container_id, "image": record["image"].get("image", ""),
+             "image_volumes": spec_mounts.image_volume_images(config)},
             timeout=max(call.remaining(), 5.0),
         )
         record.update(
@@ -318,12 +346,16 @@ class ShimDaemon:
                 rootfs=prepared["rootfs"],
                 container_dir=container_dir,
                 image_name=prepared.get("image_name", ""),
+                image_volumes=prepared.get("image_volumes") or [],
             ),
-            self.layout,
+            self.cgroups,
         )
         cgroups_path = spec["linux"]["cgroupsPath"]
+        if not self.cgroups.systemd:
+            # Noted before runc runs: a create that fails removes the parents it made.
+            record["cgroup_parents_made"] = cgroup_leftovers.missing_parents(self.cgroups.cgroup_of(cgroups_path))
         stop_signal = config.get("stop_signal") or image_config.get("StopSignal") or ""
-        termination = oci_spec.termination_message_source(config, container_dir)
+        termination = spec_mounts.termination_message_source(config, container_dir)
         record.update(
             cgroups_path=cgroups_path,
             stop_signal=signal_number(stop_signal),
@@ -344,6 +376,7 @@ class ShimDaemon:
             "container_id": container_id,
             "runtime_path": record["runtime_path"],
             "runtime_root": record["runtime_root"],
+            "runtime_flags": record.get("runtime_flags", []),
             "bundle": str(bundle),
             "pid_file": str(container_dir / "init.pid"),
             "runtime_log": str(container_dir / "runtime.log"),
@@ -356,7 +389,7 @@ class ShimDaemon:
             "stdin": record["stdin"],
             "stdin_once": record["stdin_once"],
             "create_timeout": self.config.runtime.create_timeout,
-            "oom_files": self.layout.oom_files(cgroups_path),
+            "oom_files": self.cgroups.oom_files(cgroups_path),
         }
         started = spawn_shim(shim_spec, self.config.runtime.create_timeout + 5.0)
         record.update(
@@ -364,13 +397,22 @@ class ShimDaemon:
             shim_start_time=process_start_time(started["shim_pid"]),
             pid=started["pid"],
             pid_start_time=process_start_time(started["pid"]),
-            phase=PHASE_CREATED,
         )
+        if self.cgroups.systemd:
+            # Out of shimd's cgroup (the pyrio service's, which a stop of the
+            # service kills) into a scope of its own in the pod's slice, as CRI-O
+            # does with crio-conmon-<id>.scope.
+            record["shim_cgroup"] = self.cgroups.apply(
+                started["shim_pid"], spec_resources.pod_cgroup_parent(self.config, sandbox),
+                f"pyrio-shim-{container_id}", f"pyrio shim of container {container_id}",
+            )
+        record["phase"] = PHASE_CREATED
         self.store.save(record)
 
     def _destroy(self, record: dict[str, Any]) -> None:
         """Remove everything a container has (idempotent; each step may already be done)."""
         container_id = record["id"]
+        failed_create = record.get("phase") == PHASE_CREATING
         if record.get("phase") != PHASE_REMOVING:
             record["phase"] = PHASE_REMOVING
             self.store.save(record)
@@ -381,6 +423,11 @@ class ShimDaemon:
                 pass
         if record.get("runtime_path"):
             self._runtime(record, "delete", "--force", container_id, check=False)
+        if record.get("cgroups_path") and not self.cgroups.systemd:
+            # A create that failed before runc recorded the container left
+            # cgroups `runc delete` does not know about.
+            cgroup_leftovers.remove_leftovers(self.cgroups.cgroup_of(record["cgroups_path"]),
+                                              record.get("cgroup_parents_made", []) if failed_create else [])
         try:
             self.imaged.call("rootfs.remove", {"container_id": container_id}, idempotent=True)
         except NotFound:
@@ -428,8 +475,10 @@ class ShimDaemon:
         container_id = params.get("container_id", "")
         if not container_id:
             raise InvalidArgument("container_id must not be empty")
-        record = self.store.get(container_id)
-        self._stop(record, float(params.get("timeout") or 0))
+        record = self.store.find(container_id)
+        if record is None:
+            return {}  # StopContainer is idempotent, as RemoveContainer (CRI-O and containerd agree)
+        self._stop(record, clamp_timeout(float(params.get("timeout") or 0), MAX_STOP_TIMEOUT_SECONDS, "stop timeout"))
         return {}
 
     def _stop(self, record: dict[str, Any], timeout: float) -> None:
@@ -513,7 +562,7 @@ class ShimDaemon:
 
     def stop_all(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
         records = self._close(params.get("sandbox_id", ""))
-        timeout = float(params.get("timeout") or 0)
+        timeout = clamp_timeout(float(params.get("timeout") or 0), MAX_STOP_TIMEOUT_SECONDS, "stop timeout")
         self._each(records, lambda record: self._stop(record, timeout))
         return {"stopped": [record["id"] for record in records]}
 
@@ -545,7 +594,7 @@ class ShimDaemon:
             "started_at": record.get("started_at", 0),
             "finished_at": 0,
             "exit_code": 0,
-            "image": record["image"],
+            "image": reported_image(record),
             "image_ref": record.get("repo_digest") or record.get("image_ref", ""),
             "image_id": record.get("image_ref", ""),
             "reason": "",
@@ -609,7 +658,7 @@ class ShimDaemon:
                 "id": record["id"],
                 "pod_sandbox_id": record["sandbox_id"],
                 "metadata": record["metadata"],
-                "image": record["image"],
+                "image": reported_image(record),
                 "image_ref": record.get("repo_digest") or record.get("image_ref", ""),
                 "image_id": record.get("image_ref", ""),
                 "state": state,
@@ -646,11 +695,11 @@ class ShimDaemon:
         return record
 
     def exec_sync(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        # Checked before anything reaches the shim, which must never be
+        # handed a request it cannot take (common/exec_limits.py).
+        command = check_exec_command(list(params.get("cmd") or []))
+        timeout = clamp_timeout(float(params.get("timeout") or 0), MAX_EXEC_TIMEOUT_SECONDS, "exec timeout")
         record = self._running(params, "exec in")
-        command = list(params.get("cmd") or [])
-        if not command:
-            raise InvalidArgument("exec command must not be empty")
-        timeout = float(params.get("timeout") or 0)
         pid_file = str(self.store.directory(record["id"]) / f"exec-{new_id()[:16]}.pid")
         request = {"op": "exec", "cmd": command, "timeout": timeout, "pid_file": pid_file, "max_output": EXEC_OUTPUT_LIMIT}
         wait = (timeout + STOP_MARGIN_SECONDS) if timeout > 0 else max(call.remaining(), 1.0)
@@ -709,11 +758,12 @@ class ShimDaemon:
     def update_resources(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
         record = self._record(params)
         linux = params.get("linux") or {}
+        spec_validation.validate_resources(linux, "linux")
         with self.store.lock_for(record["id"]):
             state, _ = self.store.state(record)
             if state not in (CREATED, RUNNING):
                 raise FailedPrecondition(f"container {record['id'][:12]} is {self._state_word(state)}: cannot update its resources")
-            resources = oci_spec.oci_resources(linux, self.layout)
+            resources = self.cgroups.oci_resources(linux)
             if resources:
                 self._runtime(record, "update", "--resources", "-", record["id"], stdin=json.dumps(resources).encode())
             merged = dict(record.get("resources") or {})
@@ -721,6 +771,22 @@ class ShimDaemon:
             record["resources"] = merged
             self.store.save(record)
         return {}
+
+    def update_sandbox_resources(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        sandbox = self._sandbox(params.get("sandbox_id", ""))
+        limits = pod_resources.update(self.config, self.cgroups, sandbox, params.get("resources") or {},
+                                      params.get("overhead") or {})
+        log.info("pod resources updated", extra={"sandbox_id": sandbox["id"], "resources": limits})
+        return {}
+
+    def sandbox_stats(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        """sandbox id -> its own cgroup's figures, for the given {id, cgroup_parent} of netd's records."""
+        found = {}
+        for sandbox in params.get("sandboxes") or []:
+            figures = pod_resources.stats(self.config, self.cgroups, sandbox)
+            if figures:
+                found[sandbox["id"]] = figures
+        return found
 
     def _stats(self, record: dict[str, Any]) -> dict[str, Any]:
         stats: dict[str, Any] = {
@@ -732,14 +798,14 @@ class ShimDaemon:
                 "annotations": record["annotations"],
             },
         }
-        stats.update(cgroup_stats.container_usage(self.layout, record.get("cgroups_path", "")))
+        stats.update(self.cgroups.stats(record.get("cgroups_path", "")))
         now = time.time_ns()
         # Pod-level figures crigw's PodSandboxStats takes (not ContainerStats fields).
         if self.store.init_alive(record):
-            network = cgroup_stats.network_usage(int(record["pid"]))
+            network = network_stats.network_usage(int(record["pid"]))
             if network is not None:
                 stats["pod_network"] = network
-        count = cgroup_stats.process_count(self.layout, record.get("cgroups_path", ""))
+        count = self.cgroups.process_count(record.get("cgroups_path", ""))
         if count is not None:
             stats["process_count"] = count
         try:
@@ -767,9 +833,15 @@ class ShimDaemon:
 
 
 def build(config: Config, server: RpcServer) -> ShimDaemon:
+    try:
+        cgroups = manager_for(config.runtime.cgroup_manager)
+    except (FailedPrecondition, OSError) as exc:
+        # As for a bad config: supervisord logs this at each retry, then marks shimd FATAL.
+        print(f"pyrio-shimd: refusing to start: {exc}", file=sys.stderr)
+        sys.exit(2)
     # Started now, so its warm-up is done before the first CreateContainer.
     start_zygote(str(config.service_state_dir("shimd")))
-    daemon = ShimDaemon(config)
+    daemon = ShimDaemon(config, cgroups)
     daemon.register(server)
     return daemon
 

@@ -67,6 +67,14 @@ DRAIN_SECONDS = 2.0
 # Extra time a stop waits for the exit after SIGKILL before it answers.
 KILL_GRACE_SECONDS = 10.0
 ATTACH_SEND_TIMEOUT = 5.0
+# A control request is one JSON line: shimd's exec requests are bounded
+# (common/exec_limits.py: 1 MiB of argv, which JSON escaping can make up to
+# six times longer); anything longer is refused unread.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+CONTROL_READ_SECONDS = 2.0
+# The longest single poll: deadlines further out (a week-long stop grace
+# period) are re-checked each time, and poll takes an int of milliseconds.
+MAX_POLL_MS = 3600 * 1000
 
 STREAM_STDOUT = b"\x02"
 STREAM_STDERR = b"\x03"
@@ -194,6 +202,10 @@ class Shim:
             self.outputs[handed[b"stdout"]] = b"stdout"
             self.outputs[handed[b"stderr"]] = b"stderr"
             self.stdin_fd = handed.get(b"stdin", -1)
+        # The container cgroup's memory.events (cgroup v2), polled for POLLPRI: the
+        # kernel notifies each change; oom_kill counts read so far.
+        self.oom_fd = handed.get(b"oom", -1)
+        self.oom_kills = 0
         self.exited = False
         self.exit_record: dict[str, Any] | None = None
         self.stdin_pending = b""
@@ -262,7 +274,10 @@ class Shim:
             for fd, _ in registered:
                 poller.unregister(fd)
             for fd, event in events:
-                self.dispatch(fd, event)
+                try:
+                    self.dispatch(fd, event)
+                except Exception as exc:  # the container's only supervisor must not end over one event
+                    os.write(2, f"shim: handling fd {fd}: {type(exc).__name__}: {exc}\n".encode())
             self.check_stop_deadlines()
         for fd in list(self.outputs):
             self.close_output(fd)
@@ -275,6 +290,8 @@ class Shim:
             entries.append((self.attach.fileno(), select.POLLIN))
         for fd in self.outputs:
             entries.append((fd, select.POLLIN))
+        if self.oom_fd >= 0:
+            entries.append((self.oom_fd, select.POLLPRI))
         if self.stdin_fd >= 0 and self.stdin_pending and self.stdin_fd not in self.outputs:
             entries.append((self.stdin_fd, select.POLLOUT))
         if len(self.stdin_pending) < READ_CHUNK * 16:
@@ -297,7 +314,7 @@ class Shim:
             deadlines.append(drain_until)
         if not deadlines:
             return -1
-        return max(0, int((min(deadlines) - now) * 1000) + 1)
+        return min(MAX_POLL_MS, max(0, int((min(deadlines) - now) * 1000) + 1))
 
     def dispatch(self, fd: int, event: int) -> None:
         if fd == self.wakeup_r:
@@ -309,6 +326,8 @@ class Shim:
             self.reap()
         elif fd == self.control.fileno():
             self.accept_control()
+        elif fd == self.oom_fd:
+            self.read_oom_events()
         elif fd == self.attach.fileno():
             conn = accept(self.attach)
             conn.settimeout(ATTACH_SEND_TIMEOUT)
@@ -428,6 +447,18 @@ class Shim:
             except OSError:
                 pass
 
+    def read_oom_events(self) -> None:
+        """Re-read memory.events (which also re-arms its poll) for the oom_kill count."""
+        try:
+            data = os.pread(self.oom_fd, 4096, 0)
+        except OSError:  # ENODEV: the cgroup is gone
+            os.close(self.oom_fd)
+            self.oom_fd = -1
+            return
+        for line in data.split(b"\n"):
+            if line.startswith(b"oom_kill "):
+                self.oom_kills = max(self.oom_kills, int(line[9:]))
+
     # --- exit --------------------------------------------------------------
 
     def reap(self) -> None:
@@ -451,7 +482,12 @@ class Shim:
         # Output already in the pipes belongs in the log before the exit is
         # announced: whoever reads the exit file next reads the log too.
         self.drain_available()
-        oom_killed = read_oom_kills(self.spec.get("oom_files", [])) > 0
+        if self.oom_fd >= 0:
+            self.read_oom_events()
+        oom_killed = max(self.oom_kills, read_oom_kills(self.spec.get("oom_files", []))) > 0
+        if self.oom_fd >= 0:
+            os.close(self.oom_fd)
+            self.oom_fd = -1
         self.exit_record = {"exit_code": exit_code, "exited_at": exited_at, "oom_killed": oom_killed, "pid": self.pid}
         atomic_write(self.spec["exit_file"], compact_json.dumps(self.exit_record))
         for fd in list(self.attach_clients):
@@ -506,17 +542,11 @@ class Shim:
 
     def accept_control(self) -> None:
         conn = accept(self.control)
-        conn.settimeout(2.0)
+        conn.settimeout(CONTROL_READ_SECONDS)
         try:
-            raw = b""
-            while not raw.endswith(b"\n") and len(raw) < 1 << 20:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                raw += chunk
-            request = compact_json.loads(raw)
-        except (OSError, ValueError):
-            conn.close()
+            request = self.read_request(conn)
+        except Exception as exc:  # whatever a client sent, the shim goes on
+            self.reply(conn, {"ok": False, "error": f"bad request: {type(exc).__name__}: {exc}"})
             return
         op = request.get("op")
         try:
@@ -540,6 +570,29 @@ class Shim:
                 self.reply(conn, {"ok": False, "error": f"unknown request {op!r}"})
         except Exception as exc:  # an odd request must not end the supervision
             self.reply(conn, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+    def read_request(self, conn: _socket.socket) -> dict[str, Any]:
+        """One JSON line of at most MAX_REQUEST_BYTES; ValueError otherwise."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if chunk.endswith(b"\n"):
+                break
+            if size > MAX_REQUEST_BYTES:
+                raise ValueError(f"request is over {MAX_REQUEST_BYTES} bytes")
+        raw = b"".join(chunks)
+        chunks.clear()
+        if size > READ_CHUNK:
+            self.output_since_trim = True  # a big request's pages go back once quiet
+        request = compact_json.loads(raw)
+        if not isinstance(request, dict):
+            raise ValueError("request is not a JSON object")
+        return request
 
     def handle_stop(self, conn: _socket.socket, request: dict[str, Any]) -> None:
         if self.exited:

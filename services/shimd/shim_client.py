@@ -166,7 +166,11 @@ def shim_request(socket_path: str, request: dict[str, Any], timeout: float) -> d
             sock.connect(socket_path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise Unavailable(f"the container's shim is not running ({exc.strerror})") from None
-        sock.sendall(json.dumps(request).encode() + b"\n")
+        try:
+            # UTF-8, not \u escapes: what the shim reads stays near the argv's own size.
+            sock.sendall(json.dumps(request, ensure_ascii=False).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the shim refused the request unread: its answer says why
         chunks = []
         while True:
             try:
@@ -177,7 +181,7 @@ def shim_request(socket_path: str, request: dict[str, Any], timeout: float) -> d
                 break
             chunks.append(chunk)
         raw = b"".join(chunks)
-    except ConnectionResetError:
+    except (ConnectionResetError, BrokenPipeError):
         raise Unavailable("the container's shim went away during the request") from None
     finally:
         sock.close()

@@ -11,7 +11,7 @@ orphaned init is reparented to the shim, which is.
 
 Hand-off to the shim, one SEQPACKET message: b"<pid> <stdin> <stdin_once>
 <role> <role> ...", with one fd attached per role, in that order (roles:
-null, shim_log, control, attach, log, stdout, stderr, stdin, tty). An empty
+null, shim_log, control, attach, log, stdout, stderr, stdin, tty, oom). An empty
 message means the create failed; the helper has told shimd why.
 """
 
@@ -63,7 +63,9 @@ def create(spec: dict[str, Any], handed: dict[str, int]) -> int:
     if spec.get("log_path"):
         handed["log"] = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     runtime_log = spec["runtime_log"]
-    args = [spec["runtime_path"], "--root", spec["runtime_root"], f"--log={runtime_log}", "--log-format=json",
+    # runtime_flags: --systemd-cgroup with the systemd cgroup driver.
+    args = [spec["runtime_path"], "--root", spec["runtime_root"], *spec.get("runtime_flags", ()),
+            f"--log={runtime_log}", "--log-format=json",
             "create", "--bundle", spec["bundle"], "--pid-file", spec["pid_file"]]
     null = handed["null"]
     console: _socket.socket | None = None
@@ -83,6 +85,7 @@ def create(spec: dict[str, Any], handed: dict[str, int]) -> int:
     args.append(spec["container_id"])
     try:
         run_runtime(args, stdio, float(spec.get("create_timeout", 60)), runtime_log)
+        watch_oom_events(spec, handed)
         if console is not None:
             # runc sent the pty master on a connection still in the backlog.
             if not select.select([console], [], [], CONSOLE_WAIT_SECONDS)[0]:
@@ -96,6 +99,19 @@ def create(spec: dict[str, Any], handed: dict[str, int]) -> int:
             console.close()
             remove(console_path)
     return int(read_small_file(spec["pid_file"]))
+
+
+def watch_oom_events(spec: dict[str, Any], handed: dict[str, int]) -> None:
+    """Hand the shim the container's cgroup v2 memory.events, open, to poll while the container
+    runs: its scope's cgroup (systemd driver) may be gone by the time the shim reads it after the
+    exit, and the oom_kill count with it. v1 files are read at the exit (runc deletes them later)."""
+    for path in spec.get("oom_files") or ():
+        if path.endswith("/memory.events"):
+            try:
+                handed["oom"] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass  # no memory controller there: read at the exit as on v1
+            return
 
 
 def listen(path: str, kind: int) -> _socket.socket:

@@ -2,27 +2,27 @@
 
 The streaming server runs the runtime itself (the stream's lifetime is the
 HTTP connection's). Without a TTY the runtime hands our pipes straight to
-the process, so stdin EOF and output reach it unchanged. With a TTY we give
-the runtime a pty of ours as its terminal: it puts it in raw mode, copies
-between it and the container's console, and on SIGWINCH copies our size to
-the container's console; so a resize is TIOCSWINSZ on our pty plus SIGWINCH.
-When the client goes away the process (and whatever it started) is killed.
+the process, so stdin EOF and output reach it unchanged. With a TTY the
+runtime runs detached and sends us the master of the container's console
+(as conmon has it), so a resize is TIOCSWINSZ on that master, and we reap the
+command ourselves as subreaper. When the client goes away the process (and
+whatever it started) is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import logging
 import os
-import pty
 import select
 import signal
 import struct
 import subprocess
+import socket
 import termios
 import threading
-import tty
 import time
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,7 @@ class ExecSession:
 
     def run(self, streams: RemoteStreams, cancelled: threading.Event) -> int:
         """Run to completion; the exit code. Kills the process if `cancelled` is set first."""
-        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             if streams.tty:
                 return self._run_tty(streams, cancelled)
@@ -196,7 +196,7 @@ class ExecSession:
                 source.close()
         return code
 
-    def _tty_process(self, size: tuple[int, int] | None) -> list[str]:
+    def _tty_process(self, size: tuple[int, int] | None, console_path: Path) -> list[str]:
         """`exec --process` with the container's own process spec, our command and the console size.
 
         The size must be on the console before the command starts (runc sets
@@ -216,56 +216,100 @@ class ExecSession:
         if size is not None:
             process["consoleSize"] = {"width": size[0], "height": size[1]}
         self.process_file.write_text(json.dumps(process))
-        return [self.runtime_path, "--root", self.runtime_root, "exec", "--pid-file", str(self.pid_file),
-                "--process", str(self.process_file), self.runtime_id]
+        return [self.runtime_path, "--root", self.runtime_root, "exec", "--detach", "--console-socket", str(console_path),
+                "--pid-file", str(self.pid_file), "--process", str(self.process_file), self.runtime_id]
 
     def _run_tty(self, streams: RemoteStreams, cancelled: threading.Event) -> int:
-        master, slave = pty.openpty()
-        # Raw from the start: the runtime makes it raw too, but only once it
-        # runs, and keystrokes arriving before that would be echoed back and
-        # get their newlines doubled by our side of the terminal.
-        tty.setraw(slave)
-        process: subprocess.Popen | None = None
         first_size: list[tuple[int, int]] = []
         sized = threading.Event()
+        master: list[int] = []
         sizes = streams.resizes()
 
         def apply_resizes() -> None:
+            # TIOCSWINSZ on the console's master: the kernel signals the
+            # container's foreground process group itself.
             for width, height in sizes:
-                try:
-                    set_window_size(master, width, height)
-                except OSError:
-                    return
-                if process is not None:
-                    process.send_signal(signal.SIGWINCH)  # a no-op once the process is reaped
                 if not sized.is_set():
                     first_size.append((width, height))
                     sized.set()
+                if master:
+                    try:
+                        set_window_size(master[0], width, height)
+                    except OSError:
+                        return
 
-        resizer = threading.Thread(target=apply_resizes, daemon=True)
-        resizer.start()
+        threading.Thread(target=apply_resizes, daemon=True).start()
         if streams.resize is not None:
             sized.wait(FIRST_SIZE_WAIT_SECONDS)
+        become_subreaper()
+        console_path = self.pid_file.with_suffix(".console")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            argv = self._tty_process(first_size[0] if first_size else None)
-            process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
-        except BaseException:
-            os.close(master)
-            raise
+            listener.bind(str(console_path))
+            listener.listen(1)
+            argv = self._tty_process(first_size[0] if first_size else None, console_path)
+            runtime = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+            if runtime.returncode != 0:
+                raise FailedPrecondition(f"exec in container {self.runtime_id}: {runtime.stderr.strip() or 'the runtime failed'}")
+            exec_pid = int(self.pid_file.read_text().strip())
+            master.append(receive_console(listener))
         finally:
-            os.close(slave)
-        exited = threading.Event()
-        if streams.stdin is not None:
-            threading.Thread(target=_pump_from_stream, args=(streams.stdin, master, False), daemon=True).start()
-        output = None
-        if streams.stdout is not None:
-            output = threading.Thread(target=_pump_to_stream, args=(master, streams.stdout, exited), daemon=True)
-            output.start()
+            listener.close()
+            console_path.unlink(missing_ok=True)
         try:
-            code = self._wait(process, cancelled)
+            if first_size:  # a resize that came while the runtime started
+                set_window_size(master[0], *first_size[-1])
+            exited = threading.Event()
+            if streams.stdin is not None:
+                threading.Thread(target=_pump_from_stream, args=(streams.stdin, master[0], False), daemon=True).start()
+            output = None
+            if streams.stdout is not None:
+                output = threading.Thread(target=_pump_to_stream, args=(master[0], streams.stdout, exited), daemon=True)
+                output.start()
+            code = self._wait_reparented(exec_pid, cancelled)
             exited.set()
             if output is not None:
                 output.join()
         finally:
-            os.close(master)
+            os.close(master[0])
         return code
+
+    def _wait_reparented(self, pid: int, cancelled: threading.Event) -> int:
+        """The exit code of a detached exec, which became our child when the runtime exited."""
+        while True:
+            try:
+                waited, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return 255  # not ours after all: somebody else reaped it
+            if waited == pid:
+                return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+            if cancelled.wait(0.05):
+                kill_process_tree(pid)
+                cancelled = threading.Event()  # killed once; now just reap it
+
+
+def become_subreaper() -> None:
+    """Make this process the reaper of the detached execs it starts.
+
+    A TTY exec runs detached with a console socket, the way conmon runs one:
+    the console's master comes to us and the container's terminal keeps its
+    own settings. (Attached, runc clears ONLCR on the container's console and
+    leaves the translation to our side, which doubled every CR whenever the
+    command read its terminal settings before runc cleared them.) Detached,
+    the command is reparented when runc exits: to us, as subreaper.
+    """
+    PR_SET_CHILD_SUBREAPER = 36
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def receive_console(listener: Any, timeout: float = 10.0) -> int:
+    """The console master a detached `runc exec --console-socket` sends."""
+    listener.settimeout(timeout)
+    connection, _ = listener.accept()
+    with connection:
+        connection.settimeout(timeout)
+        _, fds, _, _ = socket.recv_fds(connection, 4096, 1)
+    if not fds:
+        raise FailedPrecondition("the runtime sent no console for the exec")
+    return fds[0]

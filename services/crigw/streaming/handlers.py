@@ -8,6 +8,7 @@ from typing import Any
 from cri_api.v1 import api_pb2
 
 from common.errors import InvalidArgument, Unavailable
+from common.exec_limits import check_exec_command
 from services.crigw.gateway import Gateway
 from services.crigw.handlers import cri_handler
 from services.crigw.streaming.backends import GatewayBackend
@@ -60,8 +61,9 @@ def exec_(gateway: Gateway, request: api_pb2.ExecRequest) -> api_pb2.ExecRespons
     stored = _validated_stdio(request)
     if not request.cmd:
         raise InvalidArgument("cmd must name the command to run")
+    command = check_exec_command(list(request.cmd), "Exec")
     backend.exec_info(request.container_id)
-    stored["cmd"] = list(request.cmd)
+    stored["cmd"] = command
     return api_pb2.ExecResponse(url=server.url_for("exec", stored))
 
 

@@ -7,10 +7,13 @@ consumed by its first use, only works on the kind of URL it was made for,
 and expires after `streaming.token_ttl`; anything else is a 404 and never a
 stream. At most `max_concurrent_streams` sessions run at once (429 past
 that), and a session with no traffic for `stream_idle_timeout` is closed.
+Connections are accepted and their request heads read without a thread
+each, under a deadline and a cap (request_heads.py).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import ssl
@@ -24,6 +27,7 @@ from services.crigw.streaming import portforward, remotecommand, websocket
 from services.crigw.streaming.http_messages import HttpRequest, http_response, read_http_request
 from services.crigw.streaming.portforward import Dialer
 from services.crigw.streaming.remotecommand import RemoteStreams, StreamOptions
+from services.crigw.streaming.request_heads import RequestHeadReader, session_reader
 from services.crigw.streaming.spdy import SpdyConnection
 from services.crigw.streaming.tokens import RequestCache
 
@@ -32,7 +36,6 @@ log = logging.getLogger("pyrio.crigw.streaming")
 KINDS = ("exec", "attach", "portforward")
 # How long a client has, after the upgrade, to open the streams it asked for.
 STREAM_CREATION_TIMEOUT = 30.0
-REQUEST_READ_TIMEOUT = 30.0
 SPDY_UPGRADE = "spdy/3.1"
 # The kubelet's words for a session that failed for another reason than the command's exit code.
 FAILURE_PREFIX = {"exec": "error executing command in container", "attach": "error attaching to container"}
@@ -59,6 +62,7 @@ class StreamingServer:
         self._sessions_lock = threading.Lock()
         self._sessions: set[Any] = set()
         self._slots = threading.BoundedSemaphore(config.max_concurrent_streams)
+        self._heads: RequestHeadReader | None = None
         self.port = 0
 
     # --- lifecycle -------------------------------------------------------
@@ -83,13 +87,18 @@ class StreamingServer:
             ) from exc
         self.port = listener.getsockname()[1]
         self._listener = listener
-        threading.Thread(target=self._accept_loop, name="streaming-accept", daemon=True).start()
+        self._heads = RequestHeadReader(
+            listener, self._tls, self.config.request_head_timeout, self.config.max_pending_connections, self._on_head
+        )
+        threading.Thread(target=self._heads.run, name="streaming-accept", daemon=True).start()
         threading.Thread(target=self._idle_reaper, name="streaming-idle", daemon=True).start()
         log.info("streaming server listening", extra={"url": self.base_url})
         return self
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._heads is not None:
+            self._heads.stop()
         if self._listener is not None:
             self._listener.close()
         with self._sessions_lock:
@@ -112,17 +121,8 @@ class StreamingServer:
 
     # --- connections -----------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stopping.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.05)
-                continue
-            threading.Thread(target=self._serve_connection, args=(sock,), name="streaming-conn", daemon=True).start()
+    def _on_head(self, sock: socket.socket, head: bytes, rest: bytes) -> None:
+        threading.Thread(target=self._serve_connection, args=(sock, head, rest), name="streaming-conn", daemon=True).start()
 
     def _idle_reaper(self) -> None:
         while not self._stopping.wait(1.0):
@@ -134,22 +134,17 @@ class StreamingServer:
                 log.info("closing idle stream connection", extra={"idle_seconds": round(now - connection.last_activity)})
                 _shutdown_socket(connection.sock)
 
-    def _serve_connection(self, sock: socket.socket) -> None:
+    def _serve_connection(self, sock: socket.socket, head: bytes, rest: bytes) -> None:
         try:
-            sock.settimeout(REQUEST_READ_TIMEOUT)
-            if self._tls is not None:
-                sock = self._tls.wrap_socket(sock, server_side=True)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            reader = sock.makefile("rb")
             try:
-                request = read_http_request(reader)
-            except (ValueError, OSError):
+                request = read_http_request(io.BytesIO(head))
+            except ValueError:
                 sock.sendall(http_response(400, "Bad Request", body="malformed HTTP request\n"))
                 return
             if request is None:
                 return
-            sock.settimeout(None)
-            self._route(sock, reader, request)
+            self._route(sock, session_reader(sock, rest), request)
         except (OSError, ssl.SSLError) as exc:
             log.debug("stream connection ended: %s", exc)
         except Exception:

@@ -1,0 +1,129 @@
+"""Hostile exec requests and timeouts must neither kill a container's shim
+nor end INTERNAL (issue 15 items 6 and 9), through the gateway socket and,
+for what only the shim sees, through the shim's own control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2
+
+from common.exec_limits import MAX_EXEC_ARG_BYTES
+from tests.fixtures_containers import CONTAINER_EXITED, CONTAINER_RUNNING, Containers
+
+
+def rpc_code(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(*args, **kwargs)
+    return caught.value.code(), caught.value.details()
+
+
+def shim_pid(containers: Containers, container_id: str) -> int:
+    return int(containers.info(container_id)["shim_pid"])
+
+
+def control_socket(containers: Containers, container_id: str) -> str:
+    return str(Path(containers.stack.run_dir) / "shims" / f"{container_id[:20]}.ctl")
+
+
+def raw_request(path: str, payload: bytes, timeout: float = 20) -> bytes:
+    """Send payload to the shim and read whatever it answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        try:
+            sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            # The shim closed with most of an oversized request unread: the
+            # kernel then drops the connection, its answer with it.
+            return b""
+        return b"".join(chunks)
+
+
+@pytest.fixture
+def sleeper(containers: Containers) -> str:
+    return containers.run(command=["sh", "-c", "trap 'exit 7' TERM; while true; do sleep 0.1; done"])
+
+
+def assert_supervised(containers: Containers, container_id: str, pid_before: int) -> None:
+    """The same shim still supervises the container and answers."""
+    assert shim_pid(containers, container_id) == pid_before
+    os.kill(pid_before, 0)
+    assert containers.status(container_id).status.state == CONTAINER_RUNNING
+    reply = containers.exec(container_id, "echo", "still here")
+    assert reply.stdout == b"still here\n" and reply.exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(["sh", "-c", "echo ok", "x" * (3 << 20)], id="3MiB-argument"),
+        pytest.param(["echo", "x" * (MAX_EXEC_ARG_BYTES + 1)], id="argument-over-MAX_ARG_STRLEN"),
+        pytest.param(["echo"] + ["y" * 100_000] * 12, id="argv-over-1MiB"),
+        pytest.param(["echo"] + ["z"] * 20_000, id="too-many-arguments"),
+        pytest.param(["echo", "a\0b"], id="NUL-in-argument"),
+    ],
+)
+def test_oversized_exec_is_invalid_argument_and_the_shim_lives(containers: Containers, sleeper: str, command: list[str]) -> None:
+    before = shim_pid(containers, sleeper)
+    for call in (
+        lambda: containers.exec(sleeper, *command),
+        lambda: containers.runtime.Exec(api_pb2.ExecRequest(container_id=sleeper, cmd=command, stdout=True), timeout=30),
+    ):
+        code, message = rpc_code(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, message
+        assert "argument" in message and len(message) < 1000
+    assert_supervised(containers, sleeper, before)
+
+
+def test_exec_within_the_limits_still_runs(containers: Containers, sleeper: str) -> None:
+    argument = "w" * (MAX_EXEC_ARG_BYTES - 1)
+    reply = containers.exec(sleeper, "sh", "-c", 'printf "%s" "$1" | wc -c', "sh", argument)
+    assert reply.stdout.strip() == str(len(argument)).encode()
+    unicode = "é" * 1000
+    assert containers.exec(sleeper, "echo", unicode).stdout == (unicode + "\n").encode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"x" * (9 << 20), id="9MiB-no-newline"),
+        pytest.param(b'{"op": "exec", "cmd": ["echo", "' + b"x" * (3 << 20) + b'"], "pid_file": "/nonexistent/p"}\n', id="3MiB-exec"),
+        pytest.param(b"[" * 200_000 + b"\n", id="deep-nesting"),
+        pytest.param(b"\xff\xfe\n", id="not-utf8"),
+        pytest.param(b"[1, 2]\n", id="not-an-object"),
+        pytest.param(b'{"op": "stop", "timeout": "soon"}\n', id="bad-field"),
+        pytest.param(b'{"op": "exec", "cmd": ["echo"], "timeout": 1e400, "pid_file": "/nonexistent/p"}\n', id="infinite-timeout"),
+        pytest.param(b"", id="nothing"),
+    ],
+)
+def test_shim_answers_any_control_request_and_lives(containers: Containers, sleeper: str, payload: bytes) -> None:
+    """shimd never sends these; whatever reaches the shim's socket, the shim goes on."""
+    before = shim_pid(containers, sleeper)
+    answer = raw_request(control_socket(containers, sleeper), payload)
+    if answer:
+        assert json.loads(answer)["ok"] is False
+    assert_supervised(containers, sleeper, before)
+
+
+def test_huge_timeouts_are_clamped(containers: Containers, sleeper: str) -> None:
+    huge = (1 << 63) - 1
+    reply = containers.runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=sleeper, cmd=["echo", "hi"], timeout=huge), timeout=60)
+    assert reply.stdout == b"hi\n"
+    code, message = rpc_code(containers.runtime.ExecSync, api_pb2.ExecSyncRequest(container_id=sleeper, cmd=["true"], timeout=-1), timeout=60)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, message
+    # The grace period is clamped to a week: the trap ends the container at once.
+    containers.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=sleeper, timeout=huge), timeout=60)
+    status = containers.wait_state(sleeper, CONTAINER_EXITED)
+    assert status.exit_code == 7
