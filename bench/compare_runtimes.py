@@ -23,8 +23,8 @@ from typing import Any
 import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
-from bench.proc_stats import children_of, descendants, pids_naming
-from tests.harness import Stack, cleanup_root, restore_ip_forward, wait_until
+from bench.proc_stats import children_of, descendants
+from tests.harness import Stack, cleanup_root, processes_of_root, restore_ip_forward, wait_until
 
 CONTAINERD = "/usr/bin/containerd"
 CNI_BIN_DIR = "/usr/lib/cni"
@@ -172,7 +172,7 @@ class Containerd(CriRuntime):
 
     def shim_pids(self) -> list[int]:
         # The shims are reparented away from containerd; their command line names its socket.
-        return [pid for pid in pids_naming(self.socket) if self.process is None or pid != self.process.pid]
+        return [pid for pid in processes_of_root(self.root) if self.process is None or pid != self.process.pid]
 
     def all_pids(self) -> set[int]:
         return descendants([*self.daemon_pids(), *self.shim_pids()])
@@ -259,7 +259,7 @@ class Pyrio(CriRuntime):
     def all_pids(self) -> set[int]:
         if self.stack.supervisord is None:
             return set()
-        return descendants([self.stack.supervisord.pid, *pids_naming(str(self.stack.root))])
+        return descendants([self.stack.supervisord.pid, *processes_of_root(self.stack.root)])
 
     def puller_pid(self) -> int:
         return self.stack.service_pid("imaged")

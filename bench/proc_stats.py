@@ -81,22 +81,6 @@ def descendants(roots: Iterable[int]) -> set[int]:
     return found
 
 
-def pids_naming(marker: str) -> list[int]:
-    """PIDs whose command line contains `marker` (a private path of one runtime)."""
-    needle = marker.encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                if needle in handle.read():
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
 def total_pss_kib(pids: Iterable[int]) -> int:
     return sum(pss_kib(pid) for pid in pids)
 
