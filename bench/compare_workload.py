@@ -11,7 +11,9 @@ import json
 import os
 import statistics
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 from cri_api.v1 import api_pb2
@@ -46,15 +48,17 @@ class Pods:
         self.image = image
         self.started: list[tuple[str, str]] = []  # (sandbox id, container id)
         self.index_of: dict[str, int] = {}  # sandbox id -> its `index` label
+        self.log_dir_of: dict[str, Path] = {}  # sandbox id -> its log directory (unique across rounds)
         self._counter = 0
 
     def start(self, command: list[str] | None = None, name: str = "") -> tuple[str, str]:
         self._counter += 1
         index = self._counter
+        log_dir = self.rt.root / "pod-logs" / f"{index}-{uuid.uuid4().hex[:8]}"
         config = pod_config(
             name=name or None,
             labels={"bench": "compare", "index": str(index)},
-            log_directory=str(self.rt.root / "pod-logs" / f"{index}"),
+            log_directory=str(log_dir),
             cgroup_parent=self.rt.cgroup_parent,
         )
         runtime = self.rt.runtime
@@ -74,6 +78,7 @@ class Pods:
         runtime.StartContainer(api_pb2.StartContainerRequest(container_id=container_id), timeout=60)
         self.started.append((sandbox_id, container_id))
         self.index_of[sandbox_id] = index
+        self.log_dir_of[sandbox_id] = log_dir
         return sandbox_id, container_id
 
     def stop_and_remove(self, sandbox_id: str) -> tuple[float, float]:
@@ -219,7 +224,7 @@ def chatty_figures(rt: CriRuntime, pods: Pods) -> dict[str, float]:
     sandbox_id, container_id = pods.start(command)
     shim = parent_pid(pods.container_pid(container_id))
     shim_cpu_before = cpu_seconds(shim)
-    log = rt.root / "pod-logs" / str(pods.index_of[sandbox_id]) / "main.log"
+    log = pods.log_dir_of[sandbox_id] / "main.log"
     started = time.perf_counter()
     while not _log_ends_with(log, b" F done"):
         time.sleep(0.02)
