@@ -18,7 +18,7 @@ from cri_api.v1 import api_pb2
 
 from tests.fixtures_images import Registry
 from tests.harness import Stack, wait_until
-from tests.hostile_registry import BlobPlan, HostileRegistry
+from tests.hostile_registry import BlobPlan, HostileRegistry, hostile  # noqa: F401 - a fixture
 from tests.oci_images import File, Layer, push_busybox, tar_layer
 
 
@@ -47,15 +47,6 @@ class BackgroundPull:
 def slow_image(hostile: HostileRegistry, name: str, interval: float, layers: int = 3):
     built = [Layer(tar_layer([File(f"etc/{name}-{index}", f"{name} {index}".encode() * 50)])) for index in range(layers)]
     return hostile.add_image(f"slow/{name}", "v1", built, plans=[BlobPlan(mode="dribble", interval=interval) for _ in built])
-
-
-@pytest.fixture(scope="module")
-def hostile() -> Iterator[HostileRegistry]:
-    registry = HostileRegistry()
-    try:
-        yield registry
-    finally:
-        registry.stop()
 
 
 def stack_with(image: dict) -> Iterator[Stack]:
