@@ -30,6 +30,7 @@ HANDLER_MODULES = (
     "services.crigw.sandboxes",
     "services.crigw.containers",
     "services.crigw.stats",
+    "services.crigw.events",
     "services.crigw.streaming",
 )
 
