@@ -78,6 +78,9 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 class Stack:
     def __init__(self, config_overrides: dict[str, Any] | None = None, write_cni: bool = True) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="pyrio-", dir="/tmp"))
+        # Traversable, as a node's /run is: a user-namespaced pod's root (a
+        # host uid like 100000) must reach its mounts staged under the run dir.
+        self.root.chmod(0o711)
         suffix = self.root.name.split("-", 1)[1].lower()[:6]
         self.tag = suffix
         self.state_dir = self.root / "state"

@@ -52,6 +52,7 @@ from services.shimd.records import (
     current_boot_id,
     process_start_time,
 )
+from services.shimd import spec_userns, userns_staging
 from services.shimd.shim_client import shim_request, spawn_shim, start_zygote
 
 log = logging.getLogger("pyrio.shimd")
@@ -337,7 +338,8 @@ class ShimDaemon:
         prepared = self.imaged.call(
             "rootfs.prepare",
             {"container_id": container_id, "image": record["image"].get("image", ""),
-             "image_volumes": spec_mounts.image_volume_images(config)},
+             "image_volumes": spec_mounts.image_volume_images(config),
+             **spec_userns.rootfs_idmap(sandbox)},
             timeout=max(call.remaining(), 5.0),
         )
         record.update(
@@ -363,6 +365,8 @@ class ShimDaemon:
             ),
             self.cgroups,
         )
+        if sandbox.get("userns"):
+            userns_staging.stage(self.config.pyrio.run_dir, container_id, spec, sandbox["userns"])
         cgroups_path = spec["linux"]["cgroupsPath"]
         if not self.cgroups.systemd:
             # Noted before runc runs: a create that fails removes the parents it made.
@@ -442,6 +446,10 @@ class ShimDaemon:
             # cgroups `runc delete` does not know about.
             cgroup_leftovers.remove_leftovers(self.cgroups.cgroup_of(record["cgroups_path"]),
                                               record.get("cgroup_parents_made", []) if failed_create else [])
+        try:
+            userns_staging.unstage(self.config.pyrio.run_dir, container_id)
+        except OSError as exc:
+            raise Internal(f"cannot remove the staged mounts of container {container_id}: {exc}") from None
         try:
             self.imaged.call("rootfs.remove", {"container_id": container_id}, idempotent=True)
         except NotFound:
