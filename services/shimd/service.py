@@ -146,6 +146,12 @@ class ShimDaemon:
         records = self.store.all()
         return {"ready": True, "reason": "", "containers": len(records)}
 
+    def metrics(self) -> dict[str, Any]:
+        """shimd's figures for crigw's /metrics (counters since this start)."""
+        running = sum(1 for record in self.store.all()
+                      if record.get("phase") == PHASE_CREATED and record.get("shim_pid") and self.store.shim_alive(record))
+        return {"running_shims": running, "exits": dict(self.events.exits_by_class), "oom_kills": self.events.oom_kills}
+
     def close(self) -> None:
         self.events.close()
         self._pool.shutdown(wait=False)
