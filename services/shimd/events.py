@@ -18,6 +18,7 @@ epoch and seq.
 from __future__ import annotations
 
 import _socket
+import json
 import logging
 import os
 import threading
@@ -66,6 +67,9 @@ class ContainerEvents:
         # Exits that happened before this start belong to the previous epoch.
         self._announced: set[str] = set(exited_ids())
         self._lock = threading.Lock()
+        # Exits announced since this start, by code class, and OOM kills among them (metrics).
+        self.exits_by_class: dict[str, int] = {}
+        self.oom_kills = 0
         # Containers whose StartContainer is under way: an exit reported
         # meanwhile waits for STARTED, so the kubelet never sees them reversed.
         self._starting: set[str] = set()
@@ -90,6 +94,8 @@ class ContainerEvents:
         elif event_type == "DELETED":
             with self._lock:
                 self._announced.discard(container_id)
+        if event_type == "STOPPED":
+            self._count_exit(container_id)
         self.publisher.publish("container", {
             "type": event_type, "container_id": container_id, "sandbox_id": sandbox_id,
             "created_at": time.time_ns(),
@@ -111,6 +117,18 @@ class ContainerEvents:
                 self.publish("STARTED", container_id, sandbox_id)
             if container_id in self._exited_ids_of([container_id]):
                 self._stopped(container_id)
+
+    def _count_exit(self, container_id: str) -> None:
+        try:
+            exit_record = json.loads(self._exit_file_of(container_id).read_bytes())
+        except (OSError, ValueError):
+            return
+        code = int(exit_record.get("exit_code", 0))
+        code_class = "zero" if code == 0 else "error" if code < 128 else "signal"
+        with self._lock:
+            self.exits_by_class[code_class] = self.exits_by_class.get(code_class, 0) + 1
+            if exit_record.get("oom_killed"):
+                self.oom_kills += 1
 
     def _stopped(self, container_id: str) -> None:
         with self._lock:

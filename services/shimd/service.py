@@ -146,6 +146,12 @@ class ShimDaemon:
         records = self.store.all()
         return {"ready": True, "reason": "", "containers": len(records)}
 
+    def metrics(self) -> dict[str, Any]:
+        """shimd's figures for crigw's /metrics (counters since this start)."""
+        running = sum(1 for record in self.store.all()
+                      if record.get("phase") == PHASE_CREATED and record.get("shim_pid") and self.store.shim_alive(record))
+        return {"running_shims": running, "exits": dict(self.events.exits_by_class), "oom_kills": self.events.oom_kills}
+
     def close(self) -> None:
         self.events.close()
         self._pool.shutdown(wait=False)
@@ -830,6 +836,10 @@ class ShimDaemon:
         count = self.cgroups.process_count(record.get("cgroups_path", ""))
         if count is not None:
             stats["process_count"] = count
+        if record.get("cgroups_path"):
+            stats["oom_kills"] = self.cgroups.oom_kills(record["cgroups_path"])  # ListPodSandboxMetrics
+        stats["image"] = reported_image(record).get("image", "")
+        stats["started_at"] = record.get("started_at", 0)
         try:
             usage = self.imaged.call("rootfs.usage", {"container_id": record["id"]}, timeout=5.0, idempotent=True)
             stats["writable_layer"] = {
