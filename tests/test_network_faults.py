@@ -25,6 +25,7 @@ from tests.fixtures_pods import (
     pod_config,
     sandbox_info,
 )
+from services.netd import pod_init
 from tests.harness import Stack, leak_report, wait_until
 
 
@@ -37,7 +38,7 @@ def assert_nothing_left(stack: Stack) -> None:
     """No pod of this stack holds anything on the node any more."""
     report = leak_report(stack)
     # Processes are judged by pod only (PID holders): shimd's own helpers are not pods.
-    report["processes"] = [pid for pid in report["processes"] if "pyrio-pod-pid-holder" in cmdline(pid)]
+    report["processes"] = [pid for pid in report["processes"] if pod_init.holds_sandbox_of_any(pid)]
     assert not any(report.values()), report
     assert host_local_allocations(stack) == []
     assert stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items == []
@@ -48,13 +49,6 @@ def assert_nothing_left(stack: Stack) -> None:
     for kind in ("netns", "ipcns", "utsns", "pidns"):
         directory = stack.run_dir / kind
         assert not directory.exists() or list(directory.iterdir()) == [], f"{directory} not empty"
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def assert_new_pod_works_and_leaves_nothing(stack: Stack, pods: Pods, config: api_pb2.PodSandboxConfig) -> None:

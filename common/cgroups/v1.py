@@ -64,8 +64,10 @@ class V1Layout:
             (self.hierarchy.root / controller / relative / name.split("/", 1)[1]).write_text(value)
 
     def create(self, cgroup: str, pid: int | None = None) -> None:
-        for directory in self.directories(cgroup).values():
+        for controller, directory in self.directories(cgroup).items():
             directory.mkdir(parents=True, exist_ok=True)
+            if controller == "cpuset":
+                _inherit_cpuset(self.hierarchy.root / "cpuset", directory)
             if pid is not None:
                 (directory / "cgroup.procs").write_text(str(pid))
 
@@ -73,3 +75,14 @@ class V1Layout:
         for directory in self.directories(cgroup).values():
             remove_tree(directory)
 
+
+
+def _inherit_cpuset(root: Path, directory: Path) -> None:
+    """A new v1 cpuset starts with no CPUs and no memory nodes, and a process
+    cannot join it (ENOSPC): give each new level its parent's, as runc does."""
+    levels = [directory, *directory.parents]
+    chain = list(reversed(levels[: levels.index(root)])) if root in levels else [directory]
+    for level in chain:
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            if not (level / name).read_text().strip():
+                (level / name).write_text((level.parent / name).read_text())

@@ -9,7 +9,8 @@ it, and containers join it by path. The thread is dedicated and dies at the
 end, so even a failed restore cannot leave a netd worker in a pod namespace.
 
 A PID namespace needs a live init, so a pod that shares one gets a tiny
-holder process as its PID 1 (it only reaps orphans), pinned the same way.
+holder process as its PID 1 (pod_init.py: it only reaps orphans and ignores
+the pod's signals), pinned the same way.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from common import mounts
 from common.errors import InvalidArgument
+from services.netd import pod_init
 from services.netd.sysctls import proc_path as sysctl_proc_path
 
 log = logging.getLogger("pyrio.netd.namespaces")
@@ -37,7 +38,9 @@ log = logging.getLogger("pyrio.netd.namespaces")
 CLONE_FLAGS = {"net": 0x40000000, "ipc": 0x08000000, "uts": 0x04000000, "pid": 0x20000000}
 # Directory of each kind's pin files under the run dir, as CRI-O's
 # /var/run/{netns,ipcns,utsns,pidns}.
-PIN_DIRS = {"net": "netns", "ipc": "ipcns", "uts": "utsns", "pid": "pidns"}
+PIN_DIRS = {"net": "netns", "ipc": "ipcns", "uts": "utsns", "pid": "pidns", "user": "userns"}
+# SIGKILL of a pod's PID 1 ends every process of its namespace first.
+HOLDER_EXIT_SECONDS = 10.0
 
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -47,28 +50,11 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
-# PID 1 of a shared pod PID namespace: reaps what gets orphaned into it and
-# exits on SIGTERM/SIGINT. Signals are taken by sigwait so no SIGCHLD is lost.
-_PID_HOLDER_CODE = """
-import os, signal
-wanted = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
-signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
-while True:
-    if signal.sigwait(wanted) != signal.SIGCHLD:
-        os._exit(0)
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
-    except ChildProcessError:
-        pass
-"""
-
-
 def pin_path(run_dir: str, kind: str, sandbox_id: str) -> str:
     return str(Path(run_dir) / PIN_DIRS[kind] / sandbox_id)
 
 
-def _unshare(flags: int) -> None:
+def unshare(flags: int) -> None:
     if _libc.unshare(flags) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"unshare: {os.strerror(errno)}")
@@ -117,11 +103,21 @@ def write_sysctl(name: str, value: str) -> None:
         raise InvalidArgument(f"cannot set sysctl {name}={value!r}: {exc.strerror}") from None
 
 
-def _bind_pin(source: str, target: str) -> None:
+def bind_pin(source: str, target: str) -> None:
     Path(target).parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o444)
     os.close(fd)
     mounts.mount(source, target, None, mounts.MS_BIND)
+
+
+def configure_pod_namespaces(kinds: list[str], hostname: str, sysctls: dict[str, str]) -> None:
+    """In the calling thread's new namespaces: the hostname, `lo` up, the sysctls."""
+    if "uts" in kinds and hostname:
+        socket.sethostname(hostname)
+    if "net" in kinds:
+        _bring_loopback_up()
+    for name, value in sysctls.items():
+        write_sysctl(name, value)
 
 
 def pin_namespaces(paths: dict[str, str], hostname: str = "", sysctls: dict[str, str] | None = None) -> None:
@@ -141,16 +137,11 @@ def pin_namespaces(paths: dict[str, str], hostname: str = "", sysctls: dict[str,
     def work() -> None:
         saved = {kind: os.open(f"/proc/thread-self/ns/{kind}", os.O_RDONLY) for kind in kinds}
         try:
-            _unshare(flags)
+            unshare(flags)
             try:
-                if "uts" in paths and hostname:
-                    socket.sethostname(hostname)
-                if "net" in paths:
-                    _bring_loopback_up()
-                for name, value in (sysctls or {}).items():
-                    write_sysctl(name, value)
+                configure_pod_namespaces(kinds, hostname if "uts" in paths else "", sysctls or {})
                 for kind in kinds:
-                    _bind_pin(f"/proc/thread-self/ns/{kind}", paths[kind])
+                    bind_pin(f"/proc/thread-self/ns/{kind}", paths[kind])
             finally:
                 for kind, fd in saved.items():
                     _setns(fd, CLONE_FLAGS[kind])
@@ -161,52 +152,57 @@ def pin_namespaces(paths: dict[str, str], hostname: str = "", sysctls: dict[str,
     _in_dedicated_thread(work)
 
 
-def start_pid_holder(path: str, sandbox_id: str) -> subprocess.Popen:
-    """Start the PID 1 of a new pod PID namespace and pin that namespace at `path`."""
+def start_pid_holder(path: str, sandbox_id: str) -> int:
+    """Start the PID 1 of a new pod PID namespace (pod_init.py) and pin that namespace at `path`; its pid."""
 
-    def work() -> subprocess.Popen:
+    def work() -> int:
         # unshare(CLONE_NEWPID) changes where this thread's children go, so
         # the holder started next is PID 1 of the new namespace.
-        _unshare(CLONE_FLAGS["pid"])
-        return subprocess.Popen(
-            [sys.executable, "-S", "-c", _PID_HOLDER_CODE, "pyrio-pod-pid-holder", sandbox_id, path],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
+        unshare(CLONE_FLAGS["pid"])
+        return pod_init.spawn(sandbox_id)
 
-    holder: subprocess.Popen = _in_dedicated_thread(work)
+    holder: int = _in_dedicated_thread(work)
     try:
-        _bind_pin(f"/proc/{holder.pid}/ns/pid", path)
+        bind_pin(f"/proc/{holder}/ns/pid", path)
     except BaseException:
-        holder.kill()
-        holder.wait()
+        stop_pid_holder(holder, sandbox_id)
         raise
     return holder
 
 
 def is_pid_holder(pid: int, sandbox_id: str) -> bool:
     """True when `pid` is still this sandbox's holder (not a reused pid)."""
+    return bool(pid) and pod_init.holds_sandbox(pid, sandbox_id)
+
+
+def stop_pid_holder(pid: int, sandbox_id: str) -> None:
+    """Kill the holder (and with it every process of the pod PID namespace) and wait until it is gone."""
+    if not is_pid_holder(pid, sandbox_id):
+        return
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            argv = handle.read().split(b"\0")
-    except OSError:
-        return False
-    return b"pyrio-pod-pid-holder" in argv and sandbox_id.encode() in argv
-
-
-def stop_pid_holder(pid: int, sandbox_id: str, children: dict[int, subprocess.Popen]) -> None:
-    """Kill the holder (and with it every process of the pod PID namespace)."""
-    if pid and is_pid_holder(pid, sandbox_id):
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + HOLDER_EXIT_SECONDS
+    while time.monotonic() < deadline:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    child = children.pop(pid, None)
-    if child is not None:
-        child.wait()
+            # A holder this netd started is its child; one an earlier netd started is init's.
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            if not os.path.exists(f"/proc/{pid}"):
+                return
+        time.sleep(0.01)
+    log.warning("the PID holder did not exit after SIGKILL", extra={"pid": pid, "sandbox_id": sandbox_id})
+
+
+def reap(pid: int) -> None:
+    """Collect a dead holder this netd started (one an earlier netd started is init's to reap)."""
+    try:
+        if pid:
+            os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
 
 
 def unpin(path: str) -> None:
