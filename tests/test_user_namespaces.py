@@ -72,6 +72,9 @@ def test_a_pod_in_its_own_user_namespace(containers: Containers, volume_dir: Pat
     userns = user_namespace()
     with hybrid_host_laid_out_for_crun(containers.stack.root):
         pod = userns_pod(containers, userns)
+        options = containers.runtime.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod[0]),
+                                                      timeout=20).status.linux.namespaces.options
+        assert options.userns_options == userns
         script = ("cat /proc/self/uid_map /proc/self/gid_map; id -u; stat -c 'busybox %u %g' /bin/busybox; "
                   "stat -c 'vol %u %g' /vol/f; touch /vol/made-inside /made-in-rootfs && echo wrote; sleep 300")
         config = userns_config(containers, "userns", ["sh", "-c", script], userns)
