@@ -91,3 +91,25 @@ def test_a_daemon_down_shows_in_the_series_and_counters_do_not_go_back(fault_con
     # Its counts since the restart start again at zero; the exported total does not.
     assert value(after, "pyrio_rpc_calls_total", service="shimd", method="container.create", error="") >= created
     assert value(after, "pyrio_service_restarts_total", service="shimd") == restarts + 2
+
+
+def test_pyrio_status_shows_uptime_restarts_in_flight_and_recent_errors(stack: Stack) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with pytest.raises(grpc.RpcError):
+        stack.runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id="f" * 64), timeout=10)
+    result = subprocess.run(
+        [sys.executable, "-m", "pyrio", "--config", str(stack.config_path), "status"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    for service in ("crigw", "imaged", "netd", "shimd"):
+        fields = dict(part.split("=", 1) for part in lines[service].split() if "=" in part)
+        assert fields["uptime"] != "-", lines[service]
+        assert int(fields["restarts"]) >= 0 and int(fields["in_flight"]) >= 0, lines[service]
+    errors = {service: int(dict(p.split("=", 1) for p in lines[service].split() if "=" in p)["errors_1m"])
+              for service in ("crigw", "shimd")}
+    assert errors["crigw"] >= 1 and errors["shimd"] >= 1  # the NOT_FOUND above, seen by both
