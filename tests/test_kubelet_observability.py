@@ -21,19 +21,9 @@ GATES = {"EventedPLEG": True, "PodAndContainerStatsFromCRI": True}
 
 
 @pytest.fixture
-def kubelet_stack() -> Iterator[Stack]:
+def kubelet(fresh_stack: Stack) -> Iterator[Kubelet]:
     # Never the shared stack: a kubelet removes every pod it does not know.
-    own = Stack()
-    try:
-        own.start()
-        yield own
-    finally:
-        own.stop()
-
-
-@pytest.fixture
-def kubelet(kubelet_stack: Stack) -> Iterator[Kubelet]:
-    own = Kubelet(kubelet_stack, GATES)
+    own = Kubelet(fresh_stack, GATES)
     try:
         own.start()
         yield own
@@ -62,9 +52,9 @@ def containers_of(stack: Stack, pod_name: str) -> list[api_pb2.Container]:
 
 
 def test_kubelet_drives_static_pods_with_evented_pleg_and_cri_stats(
-    kubelet: Kubelet, kubelet_stack: Stack, test_images: TestImages
+    kubelet: Kubelet, fresh_stack: Stack, test_images: TestImages
 ) -> None:
-    stack = kubelet_stack
+    stack = fresh_stack
     image = test_images.busybox.reference
     web = kubelet.add_manifest("web", static_pod("web", image, ["sh", "-c", "while true; do sleep 1; done"]))
     kubelet.add_manifest("crasher", static_pod("crasher", image, ["sh", "-c", "sleep 1; exit 1"]))
