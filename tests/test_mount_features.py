@@ -8,7 +8,7 @@ stack's temp root and unmounts every one of them, also when it fails.
 from __future__ import annotations
 
 import subprocess
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +21,7 @@ from common.runtime_features import handler_features
 from tests.fixtures_containers import Containers, wait_for_log
 from tests.fixtures_pods import pod_config
 from tests.harness import wait_until
+from tests.test_containers import hybrid_host_laid_out_for_crun
 
 
 def run_mount(*args: str) -> None:
@@ -73,38 +74,39 @@ def rpc_error(call, *args) -> grpc.RpcError:
 # --- propagation ---------------------------------------------------------------------
 
 
+def mounting_container(containers: Containers, volume: Path, propagation: int) -> str:
+    """A privileged container that mounts a tmpfs (with a file) at /vol/from-ctr of its volume."""
+    pod = privileged_pod(containers)
+    mount = api_pb2.Mount(container_path="/vol", host_path=str(volume), propagation=propagation)
+    script = "mkdir -p /vol/from-ctr && mount -t tmpfs from-ctr /vol/from-ctr && echo ctr > /vol/from-ctr/f && echo mounted; sleep 300"
+    container_id = containers.create(pod, with_mount(containers, "mounting", ["sh", "-c", script], mount, privileged=True))
+    containers.start(container_id)
+    wait_for_log(containers, container_id, "mounted")
+    return container_id
+
+
+def assert_a_host_mount_reaches(containers: Containers, container_id: str, volume: Path) -> None:
+    """A mount the host makes in the volume after the container started appears in it."""
+    (volume / "from-host").mkdir(exist_ok=True)
+    run_mount("-t", "tmpfs", "from-host", str(volume / "from-host"))
+    (volume / "from-host" / "g").write_text("host\n")
+    assert containers.exec(container_id, "cat", "/vol/from-host/g").stdout == b"host\n"
+
+
 def test_bidirectional_mount_reaches_the_host_and_back(containers: Containers) -> None:
     with host_directory(containers, "bidirectional", shared=True) as volume:
-        pod = privileged_pod(containers)
-        mount = api_pb2.Mount(container_path="/vol", host_path=str(volume), propagation=api_pb2.PROPAGATION_BIDIRECTIONAL)
-        script = "mkdir -p /vol/from-ctr && mount -t tmpfs from-ctr /vol/from-ctr && echo ctr > /vol/from-ctr/f && echo mounted; sleep 300"
-        container_id = containers.create(pod, with_mount(containers, "bidi", ["sh", "-c", script], mount, privileged=True))
-        containers.start(container_id)
-        wait_for_log(containers, container_id, "mounted")
+        container_id = mounting_container(containers, volume, api_pb2.PROPAGATION_BIDIRECTIONAL)
         # The container's mount appeared on the host.
         wait_until(lambda: is_mount_point(str(volume / "from-ctr")), timeout=10, what="the container's mount on the host")
         assert (volume / "from-ctr" / "f").read_text() == "ctr\n"
-        # And a mount the host makes afterwards appears in the container.
-        (volume / "from-host").mkdir(exist_ok=True)
-        run_mount("-t", "tmpfs", "from-host", str(volume / "from-host"))
-        (volume / "from-host" / "g").write_text("host\n")
-        assert containers.exec(container_id, "cat", "/vol/from-host/g").stdout == b"host\n"
-        spec = containers.info(container_id)["runtime_spec"]
-        assert spec["linux"]["rootfsPropagation"] == "rshared"
+        assert_a_host_mount_reaches(containers, container_id, volume)
+        assert containers.info(container_id)["runtime_spec"]["linux"]["rootfsPropagation"] == "rshared"
 
 
 def test_host_to_container_mount_reaches_the_container_only(containers: Containers) -> None:
     with host_directory(containers, "host-to-container", shared=True) as volume:
-        pod = privileged_pod(containers)
-        mount = api_pb2.Mount(container_path="/vol", host_path=str(volume), propagation=api_pb2.PROPAGATION_HOST_TO_CONTAINER)
-        script = "mkdir -p /vol/from-ctr && mount -t tmpfs from-ctr /vol/from-ctr && echo mounted; sleep 300"
-        container_id = containers.create(pod, with_mount(containers, "h2c", ["sh", "-c", script], mount, privileged=True))
-        containers.start(container_id)
-        wait_for_log(containers, container_id, "mounted")
-        (volume / "from-host").mkdir(exist_ok=True)
-        run_mount("-t", "tmpfs", "from-host", str(volume / "from-host"))
-        (volume / "from-host" / "g").write_text("host\n")
-        assert containers.exec(container_id, "cat", "/vol/from-host/g").stdout == b"host\n"
+        container_id = mounting_container(containers, volume, api_pb2.PROPAGATION_HOST_TO_CONTAINER)
+        assert_a_host_mount_reaches(containers, container_id, volume)
         # A slave mount does not send the container's mounts back.
         assert not is_mount_point(str(volume / "from-ctr"))
         assert containers.info(container_id)["runtime_spec"]["linux"]["rootfsPropagation"] == "rslave"
@@ -143,10 +145,12 @@ def test_status_advertises_recursive_read_only_where_the_runtime_has_rro(contain
         assert handlers["runc"].recursive_read_only_mounts and handlers[""].recursive_read_only_mounts
 
 
-def test_a_submount_of_a_recursive_read_only_volume_is_read_only(containers: Containers) -> None:
-    if not runtime_handlers(containers)[""].recursive_read_only_mounts:
-        pytest.skip("the default runtime handler does not support recursive read-only mounts here")
-    with host_directory(containers, "rro") as volume:
+@pytest.mark.parametrize("handler", ["", "crun"])
+def test_a_submount_of_a_recursive_read_only_volume_is_read_only(containers: Containers, handler: str) -> None:
+    if not runtime_handlers(containers)[handler].recursive_read_only_mounts:
+        pytest.skip(f"runtime handler {handler or 'default'!r} does not support recursive read-only mounts here")
+    layout = hybrid_host_laid_out_for_crun(containers.stack.root) if handler == "crun" else nullcontext()
+    with layout, host_directory(containers, f"rro-{handler or 'default'}") as volume:
         (volume / "sub").mkdir(exist_ok=True)
         run_mount("-t", "tmpfs", "rro-sub", str(volume / "sub"))
         script = ("touch /vol/top 2>&1; touch /vol/sub/inner 2>&1; "
@@ -156,12 +160,14 @@ def test_a_submount_of_a_recursive_read_only_volume_is_read_only(containers: Con
                                            recursive_read_only=True))
         # Plain readonly is not recursive: the submount stays writable.
         config.mounts.append(api_pb2.Mount(container_path="/plain", host_path=str(volume), readonly=True))
-        container_id = containers.create(containers.pod(), config)
+        container_id = containers.create(containers.pod(runtime_handler=handler), config)
         containers.start(container_id)
         text = wait_for_log(containers, container_id, "plain-sub-writable")
         assert "/vol/top: Read-only file system" in text
         assert "/vol/sub/inner: Read-only file system" in text
         assert (volume / "sub" / "inner").exists() and not (volume / "top").exists()
+        containers.stop(container_id, 0)
+        containers.remove(container_id)
 
 
 @pytest.mark.parametrize("fields, needle", [

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common import mounts, state
+from common.userns import idmapped_bind
 from services.imaged.store import Store
 
 log = logging.getLogger("pyrio.imaged.rootfs")
@@ -48,18 +49,60 @@ class RootfsManager:
         for key in ("upper", "work", "merged", "empty"):
             paths[key].mkdir(mode=0o755, exist_ok=True)
         merged = str(paths["merged"])
+        userns_path = record.get("idmap_userns") or ""
         if not mounts.is_mount_point(merged):
-            self._overlay(merged, record["layers"], paths, writable=True)
+            if userns_path:
+                self._idmapped_overlay(merged, record["layers"], paths, userns_path, "l",
+                                       tuple(record.get("idmap_root") or (0, 0)))
+            else:
+                self._overlay(merged, record["layers"], paths, writable=True)
         for index, volume in enumerate(record.get("image_volumes") or []):
             target = self.volume_path(record["container_id"], index)
             target.mkdir(mode=0o755, parents=True, exist_ok=True)
-            if not mounts.is_mount_point(str(target)):
+            if mounts.is_mount_point(str(target)):
+                continue
+            if userns_path:
+                self._idmapped_overlay(str(target), volume["layers"], paths, userns_path, f"v{index}-l")
+            else:
                 self._overlay(str(target), volume["layers"], paths, writable=False)
         return merged
 
     def volume_path(self, container_id: str, index: int) -> Path:
         """Where the container's `index`th image volume is mounted."""
         return self.paths(container_id)["base"] / "volumes" / str(index)
+
+    def _idmapped_overlay(self, target: str, layer_ids: list[str], paths: dict[str, Path], userns_path: str,
+                          prefix: str, root_ids: tuple[int, int] | None = None) -> None:
+        """An overlay for a user-namespaced pod, as containerd's remapped
+        snapshots: its layers are idmapped mounts (overlayfs itself cannot be
+        idmapped; its layers can), so the image's root-owned files are the
+        pod's root's, with nothing chowned. With `root_ids` (the container's
+        rootfs) its upper dir is the pod root's (host ids) and copy-ups keep
+        the mapped owners; without, it is read-only (an image volume)."""
+        idmapped = paths["base"] / "idmapped"
+        idmapped.mkdir(mode=0o700, exist_ok=True)
+        lower = []
+        for index, diff_id in enumerate(reversed(layer_ids)):
+            layer = idmapped / f"{prefix}{index}"
+            layer.mkdir(mode=0o755, exist_ok=True)
+            if not mounts.is_mount_point(str(layer)):
+                idmapped_bind(str(self.store.layer_diff(diff_id)), str(layer), userns_path)
+            lower.append(layer)
+        base = paths["base"].relative_to(self.store.root)
+        if root_ids is not None:
+            os.chown(paths["upper"], *root_ids)
+            relative = [str(path.relative_to(self.store.root)) for path in lower or [paths["empty"]]]
+            options = f"lowerdir={':'.join(relative)},upperdir={base}/upper,workdir={base}/work"
+        else:
+            # Without an upper dir overlayfs wants two lower dirs: the empty one is the second.
+            relative = [str(path.relative_to(self.store.root)) for path in [*lower, paths["empty"]]]
+            options = f"ro,lowerdir={':'.join(relative)}"
+        if len(options) > MAX_MOUNT_DATA:
+            raise OSError(f"image has too many layers ({len(layer_ids)}) for one overlay mount")
+        result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, target],
+                                cwd=self.store.root, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise OSError(f"mount idmapped overlay on {target}: {result.stderr.strip()}")
 
     def _overlay(self, target: str, layer_ids: list[str], paths: dict[str, Path], writable: bool) -> None:
         """An overlay of the layers (top first) on target: with the
@@ -91,10 +134,14 @@ class RootfsManager:
 
     def unmount(self, container_id: str) -> None:
         """Unmount the container's image volumes and its root filesystem."""
-        volumes = self.paths(container_id)["base"] / "volumes"
+        base = self.paths(container_id)["base"]
+        volumes = base / "volumes"
         for point in mounts.mounts_under(str(volumes)) if volumes.is_dir() else []:
             self._unmount_one(point)
         self._unmount_one(str(self.paths(container_id)["merged"]))
+        idmapped = base / "idmapped"
+        for point in mounts.mounts_under(str(idmapped)) if idmapped.is_dir() else []:
+            self._unmount_one(point)
 
     @staticmethod
     def _unmount_one(target: str) -> None:
@@ -111,7 +158,12 @@ class RootfsManager:
 
     def remove(self, container_id: str) -> None:
         self.unmount(container_id)
-        shutil.rmtree(self.paths(container_id)["base"], ignore_errors=True)
+        base = self.paths(container_id)["base"]
+        left = mounts.mounts_under(str(base)) if base.exists() else []
+        if left:
+            # Never delete through a mount: an idmapped layer's files are the image's.
+            raise OSError(f"mounts {left} of container {container_id} are still there")
+        shutil.rmtree(base, ignore_errors=True)
 
     def usage(self, container_id: str) -> tuple[int, int]:
         return self.store.disk_usage(self.paths(container_id)["upper"])
