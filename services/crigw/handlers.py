@@ -32,6 +32,11 @@ def call_time_remaining(longest: float) -> float:
     return longest if deadline is None else max(0.0, min(longest, deadline - time.time()))
 
 
+def current_context() -> Any:
+    """The gRPC context of the CRI call this thread serves (None outside one)."""
+    return getattr(_call, "context", None)
+
+
 def on_call_end(callback: Callable[[], None]) -> None:
     """Run `callback` when the current CRI call ends, however it ends
     (answered, cancelled by the client, deadline passed)."""

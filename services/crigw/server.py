@@ -30,6 +30,8 @@ HANDLER_MODULES = (
     "services.crigw.sandboxes",
     "services.crigw.containers",
     "services.crigw.stats",
+    "services.crigw.events",
+    "services.crigw.pod_metrics",
     "services.crigw.streaming",
 )
 
@@ -68,6 +70,10 @@ class InFlightCalls:
             self._count -= 1
             if self._count == 0:
                 self._idle.notify_all()
+
+    @property
+    def count(self) -> int:
+        return self._count
 
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common import mounts, state
+from common.userns import idmapped_bind
 from services.imaged.store import Store
 
 log = logging.getLogger("pyrio.imaged.rootfs")
@@ -49,7 +50,11 @@ class RootfsManager:
             paths[key].mkdir(mode=0o755, exist_ok=True)
         merged = str(paths["merged"])
         if not mounts.is_mount_point(merged):
-            self._overlay(merged, record["layers"], paths, writable=True)
+            if record.get("idmap_userns"):
+                self._idmapped_overlay(merged, record["layers"], paths, record["idmap_userns"],
+                                       tuple(record.get("idmap_root") or (0, 0)))
+            else:
+                self._overlay(merged, record["layers"], paths, writable=True)
         for index, volume in enumerate(record.get("image_volumes") or []):
             target = self.volume_path(record["container_id"], index)
             target.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -60,6 +65,33 @@ class RootfsManager:
     def volume_path(self, container_id: str, index: int) -> Path:
         """Where the container's `index`th image volume is mounted."""
         return self.paths(container_id)["base"] / "volumes" / str(index)
+
+    def _idmapped_overlay(self, target: str, layer_ids: list[str], paths: dict[str, Path], userns_path: str,
+                          root_ids: tuple[int, int]) -> None:
+        """The container's overlay for a user-namespaced pod, as containerd's
+        remapped snapshots: its layers are idmapped mounts (overlayfs itself
+        cannot be idmapped; its layers can), so the image's root-owned files
+        are the pod's root's, with nothing chowned; its upper dir is the pod
+        root's (host ids `root_ids`), and copy-ups keep the mapped owners."""
+        idmapped = paths["base"] / "idmapped"
+        idmapped.mkdir(mode=0o700, exist_ok=True)
+        lower = []
+        for index, diff_id in enumerate(reversed(layer_ids)):
+            layer = idmapped / f"l{index}"
+            layer.mkdir(mode=0o755, exist_ok=True)
+            if not mounts.is_mount_point(str(layer)):
+                idmapped_bind(str(self.store.layer_diff(diff_id)), str(layer), userns_path)
+            lower.append(layer)
+        os.chown(paths["upper"], *root_ids)
+        relative = [str(path.relative_to(self.store.root)) for path in lower or [paths["empty"]]]
+        base = paths["base"].relative_to(self.store.root)
+        options = f"lowerdir={':'.join(relative)},upperdir={base}/upper,workdir={base}/work"
+        if len(options) > MAX_MOUNT_DATA:
+            raise OSError(f"image has too many layers ({len(layer_ids)}) for one overlay mount")
+        result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, target],
+                                cwd=self.store.root, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise OSError(f"mount idmapped overlay on {target}: {result.stderr.strip()}")
 
     def _overlay(self, target: str, layer_ids: list[str], paths: dict[str, Path], writable: bool) -> None:
         """An overlay of the layers (top first) on target: with the
@@ -91,10 +123,14 @@ class RootfsManager:
 
     def unmount(self, container_id: str) -> None:
         """Unmount the container's image volumes and its root filesystem."""
-        volumes = self.paths(container_id)["base"] / "volumes"
+        base = self.paths(container_id)["base"]
+        volumes = base / "volumes"
         for point in mounts.mounts_under(str(volumes)) if volumes.is_dir() else []:
             self._unmount_one(point)
         self._unmount_one(str(self.paths(container_id)["merged"]))
+        idmapped = base / "idmapped"
+        for point in mounts.mounts_under(str(idmapped)) if idmapped.is_dir() else []:
+            self._unmount_one(point)
 
     @staticmethod
     def _unmount_one(target: str) -> None:
@@ -111,7 +147,12 @@ class RootfsManager:
 
     def remove(self, container_id: str) -> None:
         self.unmount(container_id)
-        shutil.rmtree(self.paths(container_id)["base"], ignore_errors=True)
+        base = self.paths(container_id)["base"]
+        left = mounts.mounts_under(str(base)) if base.exists() else []
+        if left:
+            # Never delete through a mount: an idmapped layer's files are the image's.
+            raise OSError(f"mounts {left} of container {container_id} are still there")
+        shutil.rmtree(base, ignore_errors=True)
 
     def usage(self, container_id: str) -> tuple[int, int]:
         return self.store.disk_usage(self.paths(container_id)["upper"])

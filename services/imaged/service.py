@@ -303,6 +303,9 @@ class ImageDaemon:
                 "repo_digests": record.get("repo_digests", []),
                 "layers": record["layers"],
                 "image_volumes": volumes,
+                # A user-namespaced pod's pinned namespace: the layers are idmapped with it.
+                "idmap_userns": str(params.get("idmap_userns") or ""),
+                "idmap_root": [int(value) for value in params.get("idmap_root") or (0, 0)],  # the pod root's host uid, gid
                 "created_at": time.time_ns(),
             }
             if existing is None:
