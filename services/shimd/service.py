@@ -51,6 +51,7 @@ from services.shimd.records import (
     current_boot_id,
     process_start_time,
 )
+from services.shimd.adoption import ShimAdoption
 from services.shimd.shim_client import shim_request, spawn_shim, start_zygote
 
 log = logging.getLogger("pyrio.shimd")
@@ -136,6 +137,8 @@ class ShimDaemon:
                 pass
         self._recovery = threading.Thread(target=self._finish_interrupted, name="shimd-recover", daemon=True)
         self._recovery.start()
+        self.adoption = ShimAdoption(self.store)
+        self.adoption.start()
 
     # --- service ----------------------------------------------------------
 
@@ -381,6 +384,7 @@ class ShimDaemon:
             "shim_log": str(container_dir / "shim.log"),
             "log_path": record["log_path"],
             "exit_file": str(self.store.exit_file(container_id)),
+            "reaped_file": str(self.store.reaped_file(container_id)),
             "control_socket": self.store.control_socket(container_id),
             "attach_socket": self.store.attach_socket(container_id),
             "tty": record["tty"],
@@ -391,6 +395,9 @@ class ShimDaemon:
         }
         started = spawn_shim(shim_spec, self.config.runtime.create_timeout + 5.0)
         record.update(
+            shim_spec=shim_spec,  # what a new shim needs to re-adopt the container (adoption.py)
+            keeper_pid=started["keeper_pid"],
+            keeper_start_time=process_start_time(started["keeper_pid"]),
             shim_pid=started["shim_pid"],
             shim_start_time=process_start_time(started["shim_pid"]),
             pid=started["pid"],
@@ -619,6 +626,7 @@ class ShimDaemon:
             info = {
                 "pid": record.get("pid", 0) if state in (CREATED, RUNNING) else 0,
                 "shim_pid": record.get("shim_pid", 0),
+                "keeper_pid": record.get("keeper_pid", 0),
                 "sandbox_id": record["sandbox_id"],
                 "runtime_handler": record.get("runtime_handler", ""),
                 "runtime_spec": self._spec(record),
