@@ -208,7 +208,8 @@ class ContainerStore:
             return (RUNNING if record.get("started_at") else CREATED), None
         if self.init_alive(record):
             return UNKNOWN, None  # nobody supervises it: its exit could not be known
-        exit_record = self.keeper_exit(record)
+        rebooted = bool(record.get("boot_id")) and record["boot_id"] != current_boot_id()
+        exit_record = None if rebooted else self.keeper_exit(record)
         if exit_record is not None:
             return EXITED, exit_record
         # Both gone and no exit file: the shim was killed, then the container
