@@ -165,12 +165,33 @@ class StreamingSection:
 
 
 @dataclass
+class MetricsSection:
+    # crigw's Prometheus endpoint, http(s)://address:port/metrics.
+    enable: bool = True
+    address: str = "127.0.0.1"
+    port: int = 9090
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+
+@dataclass
+class EventsSection:
+    # GetContainerEvents: events waiting for one subscriber before it is cut
+    # off (RESOURCE_EXHAUSTED) as too slow, and most streams open at once
+    # (each holds one of crigw's gRPC worker threads).
+    subscriber_queue: int = 1000
+    max_subscribers: int = 16
+
+
+@dataclass
 class Config:
     pyrio: PyrioSection = field(default_factory=PyrioSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
     image: ImageSection = field(default_factory=ImageSection)
     network: NetworkSection = field(default_factory=NetworkSection)
     streaming: StreamingSection = field(default_factory=StreamingSection)
+    events: EventsSection = field(default_factory=EventsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = field(default="", metadata={"internal": True})
 
     # Derived paths: services ask for these rather than joining paths themselves.
@@ -303,6 +324,13 @@ def _validate(config: Config, source: str) -> None:
     for name in ("max_concurrent_streams", "max_pending_connections"):
         if getattr(config.streaming, name) < 1:
             raise ConfigError(f"{source}: streaming.{name} must be at least 1")
+    if not 0 <= config.metrics.port <= 65535:
+        raise ConfigError(f"{source}: metrics.port must be between 0 and 65535")
+    if bool(config.metrics.tls_cert_file) != bool(config.metrics.tls_key_file):
+        raise ConfigError(f"{source}: metrics.tls_cert_file and metrics.tls_key_file go together")
+    for name in ("subscriber_queue", "max_subscribers"):
+        if getattr(config.events, name) < 1:
+            raise ConfigError(f"{source}: events.{name} must be at least 1")
     if bool(config.streaming.tls_cert_file) != bool(config.streaming.tls_key_file):
         raise ConfigError(f"{source}: streaming.tls_cert_file and streaming.tls_key_file go together")
     if config.runtime.shm_size < 0:

@@ -50,7 +50,27 @@ def start_process(service: str, argv: list[str] | None = None) -> tuple[Config, 
         # the message above is in the service's log each time.
         sys.exit(2)
     secure_service_dirs(config, service)
+    count_start(config, service)
     return config, setup_logging(service, config.pyrio.log_level)
+
+
+def count_start(config: Config, service: str) -> int:
+    """Count this start in `<state_dir>/<service>/starts` (kept across
+    restarts, so `restarts = starts - 1` never goes backwards); the count."""
+    path = config.service_state_dir(service) / "starts"
+    try:
+        starts = int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        starts = 0
+    state.atomic_write_bytes(path, f"{starts + 1}\n".encode())
+    return starts + 1
+
+
+def service_starts(config: Config, service: str) -> int:
+    try:
+        return int((config.service_state_dir(service) / "starts").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def secure_service_dirs(config: Config, service: str) -> None:
@@ -76,7 +96,18 @@ def run_service(
         answer.update(instance.health())
         return answer
 
+    def metrics(_params: dict[str, Any], _call: CallContext) -> dict[str, Any]:
+        """Figures since this start (crigw's /metrics and `pyrio status` read them)."""
+        answer = server.counts.snapshot()
+        answer["in_flight"] -= 1  # this call
+        answer.update(service=service, pid=os.getpid(), started_at=started_at,
+                      starts=service_starts(config, service))
+        extra = getattr(instance, "metrics", None)
+        answer["service_figures"] = extra() if extra is not None else {}
+        return answer
+
     server.register("health", health)
+    server.register("metrics", metrics)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     server.bind()

@@ -22,6 +22,7 @@ come.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -94,6 +95,7 @@ class RpcServer:
         self._stop = threading.Event()
         self._router: zmq.Socket | None = None
         self._replies: zmq.Socket | None = None
+        self.counts = CallCounts()
 
     def register(self, method: str, handler: Handler) -> None:
         self._handlers[method] = handler
@@ -160,7 +162,13 @@ class RpcServer:
             if handler is None:
                 raise Unimplemented(f"{self.service} has no method {method!r}")
             call.check_deadline()
-            result = handler(request.get("params") or {}, call)
+            self.counts.begin()
+            try:
+                result = handler(request.get("params") or {}, call)
+                self.counts.end(method, "")
+            except Exception as exc:
+                self.counts.end(method, exc.kind if isinstance(exc, PyrioError) else "Internal")
+                raise
             reply: dict[str, Any] = {"id": request_id, "result": result}
         except PyrioError as exc:
             reply = {"id": request_id, "error": exc.to_wire()}
@@ -171,6 +179,47 @@ class RpcServer:
             self._push(identity, reply)
         except Exception:
             log.exception("cannot send reply of request %s", request_id)
+
+
+class CallCounts:
+    """What a server did since it started, for metrics and `pyrio status`:
+    calls by (method, error kind; "" for success), calls in flight, and the
+    times of recent errors. Thread safe."""
+
+    RECENT_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_outcome: dict[tuple[str, str], int] = {}
+        self._in_flight = 0
+        self._recent_errors: collections.deque[float] = collections.deque()
+
+    def begin(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def end(self, method: str, error_kind: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._in_flight -= 1
+            key = (method, error_kind)
+            self._by_outcome[key] = self._by_outcome.get(key, 0) + 1
+            if error_kind:
+                self._recent_errors.append(now)
+                self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._recent_errors and now - self._recent_errors[0] > self.RECENT_SECONDS:
+            self._recent_errors.popleft()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            self._trim(time.monotonic())
+            return {
+                "calls": [[method, kind, count] for (method, kind), count in sorted(self._by_outcome.items())],
+                "in_flight": self._in_flight,
+                "errors_last_minute": len(self._recent_errors),
+            }
 
 
 class _ClientSocket:

@@ -16,6 +16,7 @@ import random
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f": {last_error}" if last_error else ""))
 
 
+def free_tcp_port() -> int:
+    """A TCP port of 127.0.0.1 nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
@@ -78,6 +86,9 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 class Stack:
     def __init__(self, config_overrides: dict[str, Any] | None = None, write_cni: bool = True) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="pyrio-", dir="/tmp"))
+        # Traversable, as a node's /run is: a user-namespaced pod's root (a
+        # host uid like 100000) must reach its mounts staged under the run dir.
+        self.root.chmod(0o711)
         suffix = self.root.name.split("-", 1)[1].lower()[:6]
         self.tag = suffix
         self.state_dir = self.root / "state"
@@ -96,6 +107,7 @@ class Stack:
         self.subnet = f"10.{self.subnet_octet}.{random.randint(0, 255)}.0/24"
         for directory in (self.state_dir, self.run_dir, self.log_dir, self.cni_config_dir, self.supervisor_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        self.metrics_port = free_tcp_port()
         self.config: dict[str, Any] = deep_merge(self.base_config(), config_overrides or {})
         self.write_config()
         if write_cni:
@@ -114,6 +126,8 @@ class Stack:
             },
             "runtime": {"cgroup_parent": self.cgroup_parent, "cgroup_manager": self.cgroup_manager},
             "network": {"cni_config_dir": str(self.cni_config_dir)},
+            # Never the default 9090: stacks run side by side.
+            "metrics": {"port": self.metrics_port},
         }
 
     def write_config(self) -> None:

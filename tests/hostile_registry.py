@@ -21,7 +21,9 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Iterator
+
+import pytest
 
 from tests.oci_images import LAYER_MEDIA_TYPES, OCI_CONFIG, OCI_MANIFEST, Layer, image_config, sha256_digest
 
@@ -241,3 +243,13 @@ class HostileRegistry:
         self._stop.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[HostileRegistry]:
+    """A HostileRegistry for the module (import this fixture where needed)."""
+    registry = HostileRegistry()
+    try:
+        yield registry
+    finally:
+        registry.stop()

@@ -39,6 +39,10 @@ def _container_cgroups(parent: str) -> set[str]:
     return found
 
 
+def _entries(directory: Path) -> set[Path]:
+    return set(directory.iterdir()) if directory.is_dir() else set()
+
+
 def _resources(**fields) -> api_pb2.LinuxContainerConfig:
     return api_pb2.LinuxContainerConfig(resources=api_pb2.LinuxContainerResources(**fields))
 
@@ -137,9 +141,13 @@ def test_failed_runtime_create_removes_its_cgroups_and_parents(containers: Conta
     config = pod_config(log_directory=str(containers.log_root / "podfail"), cgroup_parent=pod_parent)
     reply = containers.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config), timeout=120)
     containers.pod_ids.append(reply.pod_sandbox_id)
+    state = containers.stack.state_dir
+    dirs_before = {*_entries(state / "shimd" / "containers"), *_entries(state / "imaged" / "rootfs")}
     with pytest.raises(grpc.RpcError) as caught:
         containers.create((reply.pod_sandbox_id, config), containers.config("missing-binary", command=["/does/not/exist"]))
     assert caught.value.code() != grpc.StatusCode.OK
+    # Its state directory and its rootfs are gone too.
+    assert {*_entries(state / "shimd" / "containers"), *_entries(state / "imaged" / "rootfs")} <= dirs_before
     leftovers = [str(hierarchy / pod_parent.strip("/")) for hierarchy in _hierarchies()
                  if (hierarchy / pod_parent.strip("/")).exists()]
     assert leftovers == []
@@ -150,11 +158,22 @@ def test_failed_runtime_create_removes_its_cgroups_and_parents(containers: Conta
 
 def test_image_with_a_huge_environment_is_invalid_argument(containers: Containers, registry) -> None:
     image = push_busybox(registry, "pyrio/huge-env", "v1", {"Env": [f"E{index}=x" for index in range(250000)]})
-    rootfs_dir = containers.stack.root / "state" / "imaged" / "rootfs"
-    before = set(rootfs_dir.iterdir()) if rootfs_dir.is_dir() else set()
+    rootfs_dir = containers.stack.state_dir / "imaged" / "rootfs"
+    before = _entries(rootfs_dir)
     with pytest.raises(grpc.RpcError) as caught:
         containers.create(containers.pod(), containers.config("huge-env", image=image.reference))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "250001 entries" in caught.value.details() or "250000" in caught.value.details(), caught.value.details()
-    after = set(rootfs_dir.iterdir()) if rootfs_dir.is_dir() else set()
-    assert after <= before  # the rootfs imaged prepared for it is gone
+    assert _entries(rootfs_dir) <= before  # the rootfs imaged prepared for it is gone
+
+
+def test_update_container_resources_checks_values_before_the_runtime(containers: Containers) -> None:
+    container_id = containers.run(name="update", command=["sleep", "300"], linux=_resources(cpu_shares=512))
+    for resources, named in ((api_pb2.LinuxContainerResources(cpu_shares=1), "linux.cpu_shares"),
+                             (api_pb2.LinuxContainerResources(cpuset_cpus="0-"), "linux.cpuset_cpus"),
+                             (api_pb2.LinuxContainerResources(memory_limit_in_bytes=1024), "linux.memory_limit_in_bytes")):
+        with pytest.raises(grpc.RpcError) as caught:
+            containers.runtime.UpdateContainerResources(
+                api_pb2.UpdateContainerResourcesRequest(container_id=container_id, linux=resources), timeout=20)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and named in caught.value.details()
+    assert containers.status(container_id).status.resources.linux.cpu_shares == 512  # unchanged

@@ -19,7 +19,7 @@ from cri_api.v1 import api_pb2
 
 from tests.fixtures_containers import Containers, TestImages
 from tests.harness import Stack
-from tests.hostile_registry import BlobPlan, HostileRegistry, gzip_bomb_layer, sparse_layer
+from tests.hostile_registry import BlobPlan, HostileRegistry, gzip_bomb_layer, hostile, sparse_layer  # noqa: F401 - hostile is a fixture
 from tests.oci_images import File, Layer, busybox_layer, tar_layer
 
 MAX_LAYER_SIZE = 64 << 20
@@ -66,15 +66,6 @@ def bounded_stack() -> Iterator[Stack]:
         yield own
     finally:
         own.stop()
-
-
-@pytest.fixture(scope="module")
-def hostile() -> Iterator[HostileRegistry]:
-    registry = HostileRegistry()
-    try:
-        yield registry
-    finally:
-        registry.stop()
 
 
 def test_a_gzip_bomb_is_refused_at_max_layer_size_and_leaves_nothing(bounded_stack: Stack, hostile: HostileRegistry) -> None:

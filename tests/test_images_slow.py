@@ -18,7 +18,7 @@ from cri_api.v1 import api_pb2
 
 from tests.fixtures_images import Registry
 from tests.harness import Stack, wait_until
-from tests.hostile_registry import BlobPlan, HostileRegistry
+from tests.hostile_registry import BlobPlan, HostileRegistry, hostile  # noqa: F401 - a fixture
 from tests.oci_images import File, Layer, push_busybox, tar_layer
 
 
@@ -47,15 +47,6 @@ class BackgroundPull:
 def slow_image(hostile: HostileRegistry, name: str, interval: float, layers: int = 3):
     built = [Layer(tar_layer([File(f"etc/{name}-{index}", f"{name} {index}".encode() * 50)])) for index in range(layers)]
     return hostile.add_image(f"slow/{name}", "v1", built, plans=[BlobPlan(mode="dribble", interval=interval) for _ in built])
-
-
-@pytest.fixture(scope="module")
-def hostile() -> Iterator[HostileRegistry]:
-    registry = HostileRegistry()
-    try:
-        yield registry
-    finally:
-        registry.stop()
 
 
 def stack_with(image: dict) -> Iterator[Stack]:
@@ -115,3 +106,14 @@ def test_a_download_below_the_minimum_rate_fails_naming_the_rate_while_a_good_pu
     assert "download too slow" in message and f"from {hostile.host} in the last" in message
     assert "below image.min_download_rate (100 bytes/s over image.download_rate_window 3s)" in message
     assert hostile.wait_idle(15)
+
+
+def test_a_cancelled_pull_stops_its_downloads(fair_stack: Stack, hostile: HostileRegistry) -> None:
+    """The kubelet sets no deadline on PullImage: it cancels the call."""
+    slow = slow_image(hostile, "cancelled", interval=0.5)
+    call = fair_stack.images.PullImage.future(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=slow.reference)))
+    wait_until(lambda: hostile.open_blob_requests >= 1, 15, what="the slow download to start")
+    call.cancel()
+    assert hostile.wait_idle(15)
+    wait_until(lambda: "no caller waits for this pull any more" in fair_stack.logs("imaged"), 15, what="the pull to end")
+    assert not list((fair_stack.state_dir / "imaged" / "tmp").iterdir())

@@ -122,3 +122,52 @@ def test_unpack_diff_id_covers_the_whole_tar(tmp_path: Path) -> None:
     target.mkdir()
     diff_id, size = unpack_layer(str(blob), str(target), "sha256:test", UnpackLimits(1 << 30))
     assert diff_id == "sha256:" + hashlib.sha256(tar).hexdigest() and size == len(tar)
+
+
+def test_download_slots_leave_room_for_other_registries_and_give_up_when_unwanted() -> None:
+    import threading
+
+    from services.imaged.transfer import Cancelled, DownloadSlots, per_registry_cap
+
+    assert [per_registry_cap(total, 0) for total in (1, 2, 3)] == [1, 1, 2]
+    assert per_registry_cap(3, 5) == 3
+    slots = DownloadSlots(total=2, per_registry=1)
+    with slots.slot("slow.example", lambda: "", "layer a"):
+        # The same registry must wait; a waiter nobody needs any more gives up.
+        with pytest.raises(Cancelled, match="caller gone .it was waiting for a download slot."):
+            with slots.slot("slow.example", lambda: "caller gone", "layer b"):
+                pass
+        # Another registry gets the free slot at once.
+        with slots.slot("good.example", lambda: "", "layer c"):
+            assert slots.active("good.example") == 1
+        acquired, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with slots.slot("slow.example", lambda: "", "layer d"):
+                acquired.set()
+                release.wait(10)
+
+        waiter = threading.Thread(target=hold)
+        waiter.start()
+        assert not acquired.wait(0.3)  # held back by the per-registry cap
+    # The first slow download ended: the waiting one gets its slot.
+    assert acquired.wait(5) and slots.active("slow.example") == 1
+    release.set()
+    waiter.join(5)
+    assert slots.active("slow.example") == 0
+
+
+def test_rate_floor_fails_a_download_slower_than_the_minimum_over_its_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.errors import DeadlineExceeded
+    from services.imaged import transfer
+
+    now = [100.0]
+    monkeypatch.setattr(transfer.time, "monotonic", lambda: now[0])
+    floor = transfer.RateFloor(100, 3.0, "blob x", "127.0.0.1:1")
+    for _ in range(3):
+        now[0] += 1.0
+        floor.count(1000)  # 1000 bytes/s: fine
+    now[0] += 3.0
+    with pytest.raises(DeadlineExceeded, match=r"download too slow, 1 bytes from 127.0.0.1:1 in the last 3s"):
+        floor.count(1)
+    transfer.RateFloor(0, 3.0, "blob y", "h").count(0)  # 0 turns the floor off

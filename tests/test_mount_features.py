@@ -73,38 +73,39 @@ def rpc_error(call, *args) -> grpc.RpcError:
 # --- propagation ---------------------------------------------------------------------
 
 
+def mounting_container(containers: Containers, volume: Path, propagation: int) -> str:
+    """A privileged container that mounts a tmpfs (with a file) at /vol/from-ctr of its volume."""
+    pod = privileged_pod(containers)
+    mount = api_pb2.Mount(container_path="/vol", host_path=str(volume), propagation=propagation)
+    script = "mkdir -p /vol/from-ctr && mount -t tmpfs from-ctr /vol/from-ctr && echo ctr > /vol/from-ctr/f && echo mounted; sleep 300"
+    container_id = containers.create(pod, with_mount(containers, "mounting", ["sh", "-c", script], mount, privileged=True))
+    containers.start(container_id)
+    wait_for_log(containers, container_id, "mounted")
+    return container_id
+
+
+def assert_a_host_mount_reaches(containers: Containers, container_id: str, volume: Path) -> None:
+    """A mount the host makes in the volume after the container started appears in it."""
+    (volume / "from-host").mkdir(exist_ok=True)
+    run_mount("-t", "tmpfs", "from-host", str(volume / "from-host"))
+    (volume / "from-host" / "g").write_text("host\n")
+    assert containers.exec(container_id, "cat", "/vol/from-host/g").stdout == b"host\n"
+
+
 def test_bidirectional_mount_reaches_the_host_and_back(containers: Containers) -> None:
     with host_directory(containers, "bidirectional", shared=True) as volume:
-        pod = privileged_pod(containers)
-        mount = api_pb2.Mount(container_path="/vol", host_path=str(volume), propagation=api_pb2.PROPAGATION_BIDIRECTIONAL)
-        script = "mkdir -p /vol/from-ctr && mount -t tmpfs from-ctr /vol/from-ctr && echo ctr > /vol/from-ctr/f && echo mounted; sleep 300"
-        container_id = containers.create(pod, with_mount(containers, "bidi", ["sh", "-c", script], mount, privileged=True))
-        containers.start(container_id)
-        wait_for_log(containers, container_id, "mounted")
+        container_id = mounting_container(containers, volume, api_pb2.PROPAGATION_BIDIRECTIONAL)
         # The container's mount appeared on the host.
         wait_until(lambda: is_mount_point(str(volume / "from-ctr")), timeout=10, what="the container's mount on the host")
         assert (volume / "from-ctr" / "f").read_text() == "ctr\n"
-        # And a mount the host makes afterwards appears in the container.
-        (volume / "from-host").mkdir(exist_ok=True)
-        run_mount("-t", "tmpfs", "from-host", str(volume / "from-host"))
-        (volume / "from-host" / "g").write_text("host\n")
-        assert containers.exec(container_id, "cat", "/vol/from-host/g").stdout == b"host\n"
-        spec = containers.info(container_id)["runtime_spec"]
-        assert spec["linux"]["rootfsPropagation"] == "rshared"
+        assert_a_host_mount_reaches(containers, container_id, volume)
+        assert containers.info(container_id)["runtime_spec"]["linux"]["rootfsPropagation"] == "rshared"
 
 
 def test_host_to_container_mount_reaches_the_container_only(containers: Containers) -> None:
     with host_directory(containers, "host-to-container", shared=True) as volume:
-        pod = privileged_pod(containers)
-        mount = api_pb2.Mount(container_path="/vol", host_path=str(volume), propagation=api_pb2.PROPAGATION_HOST_TO_CONTAINER)
-        script = "mkdir -p /vol/from-ctr && mount -t tmpfs from-ctr /vol/from-ctr && echo mounted; sleep 300"
-        container_id = containers.create(pod, with_mount(containers, "h2c", ["sh", "-c", script], mount, privileged=True))
-        containers.start(container_id)
-        wait_for_log(containers, container_id, "mounted")
-        (volume / "from-host").mkdir(exist_ok=True)
-        run_mount("-t", "tmpfs", "from-host", str(volume / "from-host"))
-        (volume / "from-host" / "g").write_text("host\n")
-        assert containers.exec(container_id, "cat", "/vol/from-host/g").stdout == b"host\n"
+        container_id = mounting_container(containers, volume, api_pb2.PROPAGATION_HOST_TO_CONTAINER)
+        assert_a_host_mount_reaches(containers, container_id, volume)
         # A slave mount does not send the container's mounts back.
         assert not is_mount_point(str(volume / "from-ctr"))
         assert containers.info(container_id)["runtime_spec"]["linux"]["rootfsPropagation"] == "rslave"

@@ -9,7 +9,10 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
+from common.runtime_features import handler_features
 from tests.fixtures_containers import Containers
+from tests.node_tools import find_tool
+from tests.test_crictl import crictl
 from tests.oci_images import File, PushedImage, build_and_push, busybox_layer, tar_layer
 
 
@@ -54,3 +57,22 @@ def test_unknown_supplemental_groups_policy_is_invalid(containers: Containers, g
         run_as_app(containers, grouped_image, "bad-policy", 7)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "supplemental_groups_policy" in caught.value.details()
+
+
+def test_crictl_shows_the_features_and_the_effective_user(containers: Containers, grouped_image: PushedImage) -> None:
+    """What an operator sees: `crictl info` lists the features per handler, `crictl inspect` the user."""
+    find_tool("crictl")
+    info = crictl(containers, "info")
+    # crictl prints these as the proto names them.
+    assert info["features"]["supplemental_groups_policy"] is True
+    handlers = {handler.get("name", ""): handler["features"] for handler in info["runtimeHandlers"]}
+    runc = handler_features("/usr/sbin/runc")
+    assert handlers["runc"].get("recursive_read_only_mounts", False) is runc.recursive_read_only_mounts
+    assert handlers["runc"].get("user_namespaces", False) is False
+    assert handlers["crun"].get("user_namespaces", False) is handler_features("/usr/bin/crun").user_namespaces
+    strict = run_as_app(containers, grouped_image, "strict-crictl", api_pb2.Strict)
+    containers.wait_exited(strict)
+    user = crictl(containers, "inspect", strict)["status"]["user"]["linux"]
+    assert int(user["uid"]) == 1000 and int(user["gid"]) == 1000
+    groups = user.get("supplementalGroups") or user.get("supplemental_groups")
+    assert sorted(int(group) for group in groups) == [1000, 3000]

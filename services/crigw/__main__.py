@@ -13,6 +13,7 @@ import threading
 
 from common.daemon import exit_now, start_process
 from services.crigw.gateway import Gateway
+from services.crigw.metrics import start_metrics_server
 from services.crigw.server import IN_FLIGHT, build_server
 from services.crigw.streaming import start_streaming_server
 
@@ -24,6 +25,7 @@ STOP_GRACE_SECONDS = 1.0
 def main(argv: list[str] | None = None) -> None:
     config, log = start_process("crigw", argv)
     gateway = Gateway(config)
+    metrics = start_metrics_server(gateway, IN_FLIGHT)  # noqa: F841 (before build_server: it wraps handlers)
     # Held until exit: a grpc.Server that nobody references is collected and stops serving.
     server = build_server(gateway)  # noqa: F841
     streaming = start_streaming_server(gateway)

@@ -6,14 +6,16 @@ imaged owns images; these handlers validate, convert and forward.
 from __future__ import annotations
 
 import json
+import threading
+import uuid
 from typing import Any
 
 from cri_api.v1 import api_pb2
 
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, PyrioError
 from services.crigw.convert import dict_to_message, message_to_dict
 from services.crigw.gateway import Gateway
-from services.crigw.handlers import call_time_remaining, cri_handler
+from services.crigw.handlers import call_time_remaining, cri_handler, on_call_end
 
 # A pull lasts as long as its caller waits (the kubelet sets no deadline):
 # imaged detects stalled and too slow downloads, so this bounds the rest.
@@ -51,8 +53,24 @@ def pull_image(gateway: Gateway, request: api_pb2.PullImageRequest) -> api_pb2.P
     params: dict[str, Any] = {"image": _image_name(request.image, "PullImage")}
     if request.HasField("auth"):
         params["auth"] = message_to_dict(request.auth)
-    # imaged stops the pull's downloads once every caller's deadline passed.
-    reply = gateway.imaged.call("image.pull", params, timeout=call_time_remaining(PULL_TIMEOUT_SECONDS))
+    # imaged stops the pull's downloads once no caller waits: every deadline
+    # passed, or (the kubelet sets none) every caller cancelled its call.
+    params["waiter"] = uuid.uuid4().hex
+    answered = threading.Event()
+
+    def abandon_unless_answered() -> None:
+        if answered.is_set():
+            return
+        try:
+            gateway.imaged.call("image.pull_abandon", {"waiter": params["waiter"]}, timeout=5)
+        except PyrioError:
+            pass  # imaged restarting: the pull it ran is gone anyway
+
+    on_call_end(abandon_unless_answered)
+    try:
+        reply = gateway.imaged.call("image.pull", params, timeout=call_time_remaining(PULL_TIMEOUT_SECONDS))
+    finally:
+        answered.set()
     return api_pb2.PullImageResponse(image_ref=reply["image_ref"])
 
 

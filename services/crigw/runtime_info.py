@@ -36,7 +36,7 @@ def _runtime_handler(gateway: Gateway, name: str) -> api_pb2.RuntimeHandler:
     features = handler_features(gateway.config.runtime_handler(name).path)
     return api_pb2.RuntimeHandler(name=name, features=api_pb2.RuntimeHandlerFeatures(
         recursive_read_only_mounts=features.recursive_read_only_mounts,
-        user_namespaces=False,  # until pods get a user namespace (issue 12 item 7)
+        user_namespaces=features.user_namespaces,
     ))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from cri_api.v1 import api_pb2
 
 from common.errors import NotFound
+from services.crigw import events
 from services.crigw.convert import dict_to_message, message_to_dict
 from services.crigw.gateway import Gateway
 from services.crigw.handlers import cri_handler
@@ -62,6 +63,8 @@ def run_pod_sandbox(gateway: Gateway, request: api_pb2.RunPodSandboxRequest) -> 
         {"config": message_to_dict(request.config), "runtime_handler": request.runtime_handler},
         timeout=_rpc_timeout(gateway, RUN_TIMEOUT_SECONDS),
     )
+    events.publish_sandbox_event(gateway, "CREATED", reply["sandbox_id"])
+    events.publish_sandbox_event(gateway, "STARTED", reply["sandbox_id"])
     return api_pb2.RunPodSandboxResponse(pod_sandbox_id=reply["sandbox_id"])
 
 
@@ -78,6 +81,7 @@ def stop_pod_sandbox(gateway: Gateway, request: api_pb2.StopPodSandboxRequest) -
         idempotent=True,
     )
     gateway.netd.call("sandbox.stop", {"sandbox_id": sandbox_id}, timeout=_rpc_timeout(gateway, RUN_TIMEOUT_SECONDS), idempotent=True)
+    events.publish_sandbox_event(gateway, "STOPPED", sandbox_id)
     return api_pb2.StopPodSandboxResponse()
 
 
@@ -88,13 +92,31 @@ def remove_pod_sandbox(
     sandbox_id = _full_id(gateway, request.pod_sandbox_id)
     if sandbox_id is None:
         return api_pb2.RemovePodSandboxResponse()  # already removed
+    last_status = None
+    if events.wants_sandbox_events(gateway):
+        # Taken now: after the removal netd no longer knows the pod.
+        last_status = sandbox_status_message(
+            gateway.netd.call("sandbox.status", {"sandbox_id": sandbox_id}, idempotent=True))
+        events.remember_sandbox(gateway, last_status)
     gateway.shimd.call(
         "container.remove_all", {"sandbox_id": sandbox_id}, timeout=SHIM_CALL_TIMEOUT_SECONDS, idempotent=True
     )
     gateway.netd.call(
         "sandbox.remove", {"sandbox_id": sandbox_id}, timeout=_rpc_timeout(gateway, RUN_TIMEOUT_SECONDS), idempotent=True
     )
+    events.publish_sandbox_event(gateway, "DELETED", sandbox_id, last_status)
     return api_pb2.RemovePodSandboxResponse()
+
+
+def sandbox_status_message(record: dict[str, Any]) -> api_pb2.PodSandboxStatus:
+    """PodSandboxStatus of a netd sandbox record."""
+    status = _sandbox_dict(record)
+    status["network"] = {
+        "ip": record["network"].get("ip", ""),
+        "additional_ips": [{"ip": ip} for ip in record["network"].get("additional_ips", [])],
+    }
+    status["linux"] = {"namespaces": {"options": record["namespace_options"]}}
+    return dict_to_message(status, api_pb2.PodSandboxStatus)
 
 
 @cri_handler("PodSandboxStatus")
@@ -102,14 +124,12 @@ def pod_sandbox_status(
     gateway: Gateway, request: api_pb2.PodSandboxStatusRequest
 ) -> api_pb2.PodSandboxStatusResponse:
     record = gateway.netd.call("sandbox.status", {"sandbox_id": request.pod_sandbox_id}, idempotent=True)
-    status = _sandbox_dict(record)
-    status["network"] = {
-        "ip": record["network"].get("ip", ""),
-        "additional_ips": [{"ip": ip} for ip in record["network"].get("additional_ips", [])],
-    }
-    status["linux"] = {"namespaces": {"options": record["namespace_options"]}}
+    # With a timestamp set, the kubelet's Evented PLEG takes the pod's
+    # container statuses from here instead of asking for each (CRI-O does the same).
     response = api_pb2.PodSandboxStatusResponse(
-        status=dict_to_message(status, api_pb2.PodSandboxStatus), timestamp=time.time_ns()
+        status=sandbox_status_message(record),
+        containers_statuses=events.container_status_messages(gateway, record["id"]),
+        timestamp=time.time_ns(),
     )
     if request.verbose:
         # As CRI-O: one "info" entry holding the runtime's own view as JSON.

@@ -19,7 +19,7 @@ from cri_api.v1 import api_pb2
 
 from common.errors import Unimplemented
 from services.crigw.gateway import Gateway
-from services.crigw.handlers import HANDLERS, set_call_deadline
+from services.crigw.handlers import HANDLERS, set_call
 from services.crigw.request_limits import check_request_limits
 from services.crigw.status import serve_cri_call
 
@@ -30,6 +30,7 @@ HANDLER_MODULES = (
     "services.crigw.sandboxes",
     "services.crigw.containers",
     "services.crigw.stats",
+    "services.crigw.events",
     "services.crigw.streaming",
 )
 
@@ -69,6 +70,10 @@ class InFlightCalls:
             if self._count == 0:
                 self._idle.notify_all()
 
+    @property
+    def count(self) -> int:
+        return self._count
+
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
             return self._idle.wait_for(lambda: self._count == 0, timeout)
@@ -84,7 +89,7 @@ def _method_handler(gateway: Gateway, method: Any) -> grpc.RpcMethodHandler:
     handler = HANDLERS.get(name, _unimplemented(name))
 
     def checked(request: Any, context: Any) -> Any:
-        set_call_deadline(context.time_remaining())
+        set_call(context)
         check_request_limits(request)
         return handler(gateway, request)
 

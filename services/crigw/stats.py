@@ -42,7 +42,7 @@ def _sum(items: list[dict[str, Any]], section: str, field: str) -> int | None:
 
 
 def _pod_stats(sandbox: dict[str, Any], containers: list[dict[str, Any]],
-               pod_cgroup: dict[str, Any] | None = None) -> api_pb2.PodSandboxStats:
+               pod_cgroup: dict[str, Any] | None = None, pod_network: dict[str, Any] | None = None) -> api_pb2.PodSandboxStats:
     now = time.time_ns()
     linux: dict[str, Any] = {"containers": containers}
     cpu = _sum(containers, "cpu", "usage_core_nano_seconds")
@@ -60,8 +60,9 @@ def _pod_stats(sandbox: dict[str, Any], containers: list[dict[str, Any]],
     for section in ("cpu", "memory"):
         if (pod_cgroup or {}).get(section):
             linux[section] = pod_cgroup[section]
-    # Every container of a pod shares its network namespace: any one tells.
-    network = next((item["pod_network"] for item in containers if "pod_network" in item), None)
+    # netd reads the pod's own namespace; else (a host-network pod) what a
+    # container's process sees.
+    network = pod_network or next((item["pod_network"] for item in containers if "pod_network" in item), None)
     if network is not None:
         linux["network"] = network
     counts = [item["process_count"] for item in containers if "process_count" in item]
@@ -88,6 +89,13 @@ def _pod_cgroup_stats(gateway: Gateway, sandboxes: list[dict[str, Any]]) -> dict
     ]}, idempotent=True)
 
 
+def _pod_networks(gateway: Gateway, sandbox_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """sandbox id -> NetworkUsage of its pinned network namespace (netd, one call for all)."""
+    if not sandbox_ids:
+        return {}
+    return gateway.netd.call("sandbox.network_stats", {"sandbox_ids": sandbox_ids}, idempotent=True)
+
+
 @cri_handler("PodSandboxStats")
 def pod_sandbox_stats(gateway: Gateway, request: api_pb2.PodSandboxStatsRequest) -> api_pb2.PodSandboxStatsResponse:
     sandbox = gateway.netd.call("sandbox.status", {"sandbox_id": request.pod_sandbox_id}, idempotent=True)
@@ -95,7 +103,10 @@ def pod_sandbox_stats(gateway: Gateway, request: api_pb2.PodSandboxStatsRequest)
         "container.list_stats", {"filter": {"pod_sandbox_id": sandbox["id"]}}, idempotent=True
     )
     pod_cgroups = _pod_cgroup_stats(gateway, [sandbox])
-    return api_pb2.PodSandboxStatsResponse(stats=_pod_stats(sandbox, containers, pod_cgroups.get(sandbox["id"])))
+    networks = _pod_networks(gateway, [sandbox["id"]])
+    return api_pb2.PodSandboxStatsResponse(
+        stats=_pod_stats(sandbox, containers, pod_cgroups.get(sandbox["id"]), networks.get(sandbox["id"]))
+    )
 
 
 @cri_handler("ListPodSandboxStats")
@@ -112,6 +123,8 @@ def list_pod_sandbox_stats(
         by_sandbox.setdefault(item.get("pod_sandbox_id", ""), []).append(item)
     ready = [sandbox for sandbox in sandboxes if sandbox.get("state") in ("ready", 0, "SANDBOX_READY")]
     pod_cgroups = _pod_cgroup_stats(gateway, ready)
-    stats = [_pod_stats(sandbox, by_sandbox.get(sandbox["id"], []), pod_cgroups.get(sandbox["id"])) for sandbox in ready]
+    networks = _pod_networks(gateway, [sandbox["id"] for sandbox in ready])
+    stats = [_pod_stats(sandbox, by_sandbox.get(sandbox["id"], []), pod_cgroups.get(sandbox["id"]),
+                        networks.get(sandbox["id"])) for sandbox in ready]
     return api_pb2.ListPodSandboxStatsResponse(stats=stats)
 

@@ -56,6 +56,10 @@ def grpc_code_for(error: PyrioError) -> grpc.StatusCode:
     return GRPC_CODE_BY_KIND.get(error.kind, grpc.StatusCode.INTERNAL)
 
 
+# Called with (method, gRPC code name, seconds) after every CRI call (services/crigw/metrics.py).
+CALL_OBSERVERS: list[Callable[[str, str, float], None]] = []
+
+
 def serve_cri_call(
     method: str,
     handler: Callable[[Any, grpc.ServicerContext], Any],
@@ -73,6 +77,8 @@ def serve_cri_call(
         log.exception("unhandled error in %s", method)
         code, message = grpc.StatusCode.INTERNAL, bounded_message(f"{method}: {type(exc).__name__}: {exc}")
     finally:
+        for observe in CALL_OBSERVERS:
+            observe(method, code.name, time.monotonic() - started)
         log.info(
             "cri call",
             extra={

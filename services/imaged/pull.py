@@ -96,13 +96,15 @@ class Puller:
         self._jobs = ThreadPoolExecutor(max_workers=max(8, settings.max_concurrent_downloads * 4), thread_name_prefix="layer")
         self._in_flight: dict[str, PullRun] = {}
         self._in_flight_lock = threading.Lock()
+        # waiter id (from crigw) -> the run it waits for and its token there.
+        self._waiters: dict[str, tuple[PullRun, int]] = {}
 
     def close(self) -> None:
         self._jobs.shutdown(wait=False, cancel_futures=True)
 
-    def pull(self, image: str, auth: dict[str, Any] | None, deadline: float | None = None) -> dict[str, Any]:
-        """Pull `image` for a caller that waits until `deadline` (time.time());
-        returns the image record."""
+    def pull(self, image: str, auth: dict[str, Any] | None, deadline: float | None = None, waiter: str = "") -> dict[str, Any]:
+        """Pull `image` for a caller that waits until `deadline` (time.time())
+        or until `abandon(waiter)`; returns the image record."""
         reference = parse_reference(image)
         credentials = Credentials.from_cri(auth)
         key = f"{reference}|{credentials.fingerprint()}"
@@ -113,6 +115,8 @@ class Puller:
             if run is None:
                 run = self._in_flight[key] = PullRun()
             token = run.join(deadline)
+            if waiter:
+                self._waiters[waiter] = (run, token)
         try:
             if joining:
                 log.info("joining a pull in progress", extra={"image": str(reference)})
@@ -137,6 +141,20 @@ class Puller:
                     self._in_flight.pop(key, None)
         finally:
             run.leave(token)
+            with self._in_flight_lock:
+                self._waiters.pop(waiter, None)
+
+    def abandon(self, waiter: str) -> bool:
+        """The caller `waiter` stopped waiting; its pull's downloads stop if
+        it was the last. False when no pull waits for it (already answered)."""
+        with self._in_flight_lock:
+            found = self._waiters.pop(waiter, None)
+        if found is None:
+            return False
+        run, token = found
+        run.leave(token)
+        log.info("a caller left its pull", extra={"waiter": waiter})
+        return True
 
     # --- manifest side --------------------------------------------------------
 

@@ -69,6 +69,7 @@ class ImageDaemon:
     def register(self, server: RpcServer) -> None:
         for method, handler in (
             ("image.pull", self.pull),
+            ("image.pull_abandon", self.pull_abandon),
             ("image.status", self.status),
             ("image.list", self.list),
             ("image.remove", self.remove),
@@ -161,8 +162,12 @@ class ImageDaemon:
         if not image.strip():
             raise InvalidArgument("image must not be empty")
         # The caller's deadline: past it nobody can use what a download brings.
-        record = self.puller.pull(image, params.get("auth"), call.deadline)
+        record = self.puller.pull(image, params.get("auth"), call.deadline, str(params.get("waiter") or ""))
         return {"image_ref": record["id"]}
+
+    def pull_abandon(self, params: dict[str, Any], _call: CallContext) -> dict[str, Any]:
+        """The caller of a pull went away (crigw saw its gRPC call cancelled)."""
+        return {"abandoned": self.puller.abandon(str(params.get("waiter") or ""))}
 
     def status(self, params: dict[str, Any], _call: CallContext) -> dict[str, Any]:
         record, _ = self.find_image(str(params.get("image") or ""))
@@ -250,11 +255,22 @@ class ImageDaemon:
             raise InvalidArgument(f"invalid container id {container_id!r}")
         return container_id
 
+    def _image_volume(self, text: str) -> dict[str, Any]:
+        """An image a container mounts as a volume (CRI Mount.image): present and complete."""
+        record, _ = self.find_image(text)
+        if record is None:
+            raise NotFound(f"image {text!r} of an image volume is not present: pull it first")
+        if any(not self.store.has_layer(diff_id) for diff_id in record["layers"]):
+            raise FailedPrecondition(f"image {text!r} of an image volume is incomplete in the store: pull it again")
+        return {"image": text, "image_id": record["id"], "layers": record["layers"]}
+
     def _rootfs_answer(self, container: dict[str, Any], merged: str) -> dict[str, Any]:
         image = self.store.get_image(container["image_id"]) or {}
         config = self.store.read_blob_json(container["image_id"])
         return {
             "rootfs": merged,
+            "image_volumes": [str(self.rootfs.volume_path(container["container_id"], index))
+                              for index in range(len(container.get("image_volumes") or []))],
             "image_id": container["image_id"],
             "image_name": container.get("image_name", ""),
             "repo_digest": (image.get("repo_digests") or container.get("repo_digests") or [""])[0],
@@ -276,6 +292,7 @@ class ImageDaemon:
                     f"image {image_text!r} is incomplete in the store ({len(missing)} layer(s) missing, "
                     f"first {missing[0]}): pull it again"
                 )
+            volumes = [self._image_volume(str(text)) for text in params.get("image_volumes") or []]
             if existing is not None and existing["image_id"] != record["id"]:
                 raise AlreadyExists(f"container {container_id} already has a root filesystem from image {existing['image_id']}")
             container = existing or {
@@ -285,6 +302,10 @@ class ImageDaemon:
                 else (record["repo_tags"] or [""])[0],
                 "repo_digests": record.get("repo_digests", []),
                 "layers": record["layers"],
+                "image_volumes": volumes,
+                # A user-namespaced pod's pinned namespace: the layers are idmapped with it.
+                "idmap_userns": str(params.get("idmap_userns") or ""),
+                "idmap_root": [int(value) for value in params.get("idmap_root") or (0, 0)],  # the pod root's host uid, gid
                 "created_at": time.time_ns(),
             }
             if existing is None:

@@ -240,7 +240,12 @@ class Store:
         state.remove_file(self.container_path(container_id))
 
     def containers_using(self, image_id: str) -> list[str]:
-        return sorted(record["container_id"] for record in self.list_containers() if record.get("image_id") == image_id)
+        """Containers whose rootfs or one of whose image volumes is the image."""
+        return sorted(
+            record["container_id"] for record in self.list_containers()
+            if record.get("image_id") == image_id
+            or any(volume.get("image_id") == image_id for volume in record.get("image_volumes") or [])
+        )
 
     # --- garbage ------------------------------------------------------------
 
@@ -257,6 +262,8 @@ class Store:
                 wanted_blobs.update(hex_of(digest) for digest in record.get("blobs", []))
             for record in containers:
                 wanted_layers.update(record.get("layers", []))
+                for volume in record.get("image_volumes") or []:
+                    wanted_layers.update(volume.get("layers", []))
             removed_layers = removed_blobs = 0
             for entry in list(self.layers.iterdir()):
                 if f"sha256:{entry.name}" not in wanted_layers:

@@ -22,9 +22,12 @@ from common.cgroups.parent_check import check_cgroup_parent
 from common.config import Config
 from common.errors import Internal, InvalidArgument, NotFound, PyrioError
 from common.ids import new_id
+from common.runtime_features import handler_features
+from common.userns import user_namespace_options
 from services.netd import namespaces, pod_files, sysctls
 from services.netd.cni import CniRunner, pod_ips
 from services.netd.cni_config import NetworkConfig, load_network
+from services.netd.userns import pin_in_user_namespace
 from services.netd.sandboxes import CREATING, NOTREADY, READY, SandboxStore, matches_filter
 
 log = logging.getLogger("pyrio.netd.sandboxes")
@@ -40,10 +43,25 @@ def _namespace_options(config: dict[str, Any]) -> dict[str, str]:
         raise InvalidArgument(f"pod network and IPC namespace modes must be POD or NODE, got {modes}")
     if modes["pid"] not in ("POD", "CONTAINER", "NODE"):
         raise InvalidArgument(f"pod PID namespace mode must be POD, CONTAINER or NODE, got {modes['pid']}")
-    userns = options.get("userns_options")
-    if userns is not None and int(userns.get("mode", 0)) != 2:
-        raise InvalidArgument("user namespaces are not supported by pyrio: use the node's (mode NODE)")
     return modes
+
+
+def _user_namespace(config: dict[str, Any], runtime_path: str, runtime_handler: str, modes: dict[str, str]) -> dict[str, Any] | None:
+    """The pod's user namespace mappings (None: the node's), refused where it cannot work."""
+    userns = user_namespace_options((config.get("linux") or {}).get("security_context") or {})
+    if userns is None:
+        return None
+    if not handler_features(runtime_path).user_namespaces:
+        raise InvalidArgument(
+            f"runtime handler {runtime_handler or 'default'!r} ({runtime_path}) does not support user namespaces "
+            "(it has no idmapped mounts; Status runtime_handlers tells which handler does)"
+        )
+    if modes["pid"] == "POD":
+        raise InvalidArgument("a pod with its own user namespace cannot share a PID namespace in pyrio "
+                              "(shareProcessNamespace with hostUsers: false)")
+    if "NODE" in (modes["network"], modes["ipc"]):
+        raise InvalidArgument("a pod with its own user namespace cannot use the node's network or IPC namespace")
+    return userns
 
 
 def _validate_port_mappings(port_mappings: list[dict[str, Any]]) -> None:
@@ -78,8 +96,9 @@ class SandboxManager:
         metadata = config.get("metadata") or {}
         if not metadata.get("name") or not metadata.get("namespace") or not metadata.get("uid"):
             raise InvalidArgument("pod sandbox metadata needs a name, a namespace and a uid")
-        self.config.runtime_handler(runtime_handler)  # InvalidArgument when unknown
+        handler = self.config.runtime_handler(runtime_handler)  # InvalidArgument when unknown
         modes = _namespace_options(config)
+        userns = _user_namespace(config, handler.path, runtime_handler, modes)
         host_network = modes["network"] == "NODE"
         private = {kind for kind, mode in (("net", modes["network"]), ("ipc", modes["ipc"])) if mode == "POD"}
         pod_sysctls = sysctls.validate(
@@ -115,7 +134,8 @@ class SandboxManager:
             "log_directory": config.get("log_directory", ""),
             "hostname": hostname,
             "namespace_options": modes,
-            "namespaces": {"network": "", "ipc": "", "uts": "", "pid": ""},
+            "namespaces": {"network": "", "ipc": "", "uts": "", "pid": "", "user": ""},
+            "userns": userns,
             "pid_holder": 0,
             "files": {},
             "network": {"ip": "", "additional_ips": [], "name": network.name if network else ""},
@@ -154,14 +174,19 @@ class SandboxManager:
             pins["ipc"] = namespaces.pin_path(self.run_dir, "ipc", sandbox_id)
         if modes["pid"] == "POD":
             record["namespaces"]["pid"] = namespaces.pin_path(self.run_dir, "pid", sandbox_id)
+        if record.get("userns"):
+            pins["user"] = namespaces.pin_path(self.run_dir, "user", sandbox_id)
         record["namespaces"].update(
-            network=pins.get("net", ""), ipc=pins.get("ipc", ""), uts=pins.get("uts", "")
+            network=pins.get("net", ""), ipc=pins.get("ipc", ""), uts=pins.get("uts", ""), user=pins.get("user", "")
         )
         self.store.save(record)
 
         if modes["ipc"] == "POD":
             pod_files.mount_shm(directory, self.config.runtime.shm_size)
-        namespaces.pin_namespaces(pins, record["hostname"] if "uts" in pins else "", pod_sysctls)
+        if record.get("userns"):
+            pin_in_user_namespace(pins, record["userns"], record["hostname"], pod_sysctls)
+        else:
+            namespaces.pin_namespaces(pins, record["hostname"] if "uts" in pins else "", pod_sysctls)
         if record["namespaces"]["pid"]:
             holder = namespaces.start_pid_holder(record["namespaces"]["pid"], sandbox_id)
             record["pid_holder"] = holder
@@ -199,7 +224,7 @@ class SandboxManager:
         if record["namespace_options"]["network"] == "POD":
             self.cni.delete(sandbox_id)
         self._stop_pid_holder(record)
-        for kind in ("network", "ipc", "uts", "pid"):
+        for kind in ("network", "ipc", "uts", "pid", "user"):
             namespaces.unpin(record["namespaces"].get(kind, ""))
         pod_files.unmount_shm(pod_files.pod_dir(self.state_dir, sandbox_id))
 
@@ -329,7 +354,7 @@ def _current(record: dict[str, Any]) -> dict[str, Any]:
 
 def _lost_namespace(record: dict[str, Any], mounted: set[str]) -> str:
     """Why a ready sandbox's namespaces are gone, "" when all are there."""
-    for kind in ("network", "ipc", "uts", "pid"):
+    for kind in ("network", "ipc", "uts", "pid", "user"):
         path = record["namespaces"].get(kind, "")
         if path and os.path.realpath(path) not in mounted:
             return f"the pin of its {kind} namespace ({path}) is gone"

@@ -38,7 +38,7 @@ log = logging.getLogger("pyrio.netd.namespaces")
 CLONE_FLAGS = {"net": 0x40000000, "ipc": 0x08000000, "uts": 0x04000000, "pid": 0x20000000}
 # Directory of each kind's pin files under the run dir, as CRI-O's
 # /var/run/{netns,ipcns,utsns,pidns}.
-PIN_DIRS = {"net": "netns", "ipc": "ipcns", "uts": "utsns", "pid": "pidns"}
+PIN_DIRS = {"net": "netns", "ipc": "ipcns", "uts": "utsns", "pid": "pidns", "user": "userns"}
 # SIGKILL of a pod's PID 1 ends every process of its namespace first.
 HOLDER_EXIT_SECONDS = 10.0
 
@@ -54,7 +54,7 @@ def pin_path(run_dir: str, kind: str, sandbox_id: str) -> str:
     return str(Path(run_dir) / PIN_DIRS[kind] / sandbox_id)
 
 
-def _unshare(flags: int) -> None:
+def unshare(flags: int) -> None:
     if _libc.unshare(flags) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"unshare: {os.strerror(errno)}")
@@ -103,11 +103,21 @@ def write_sysctl(name: str, value: str) -> None:
         raise InvalidArgument(f"cannot set sysctl {name}={value!r}: {exc.strerror}") from None
 
 
-def _bind_pin(source: str, target: str) -> None:
+def bind_pin(source: str, target: str) -> None:
     Path(target).parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o444)
     os.close(fd)
     mounts.mount(source, target, None, mounts.MS_BIND)
+
+
+def configure_pod_namespaces(kinds: list[str], hostname: str, sysctls: dict[str, str]) -> None:
+    """In the calling thread's new namespaces: the hostname, `lo` up, the sysctls."""
+    if "uts" in kinds and hostname:
+        socket.sethostname(hostname)
+    if "net" in kinds:
+        _bring_loopback_up()
+    for name, value in sysctls.items():
+        write_sysctl(name, value)
 
 
 def pin_namespaces(paths: dict[str, str], hostname: str = "", sysctls: dict[str, str] | None = None) -> None:
@@ -127,16 +137,11 @@ def pin_namespaces(paths: dict[str, str], hostname: str = "", sysctls: dict[str,
     def work() -> None:
         saved = {kind: os.open(f"/proc/thread-self/ns/{kind}", os.O_RDONLY) for kind in kinds}
         try:
-            _unshare(flags)
+            unshare(flags)
             try:
-                if "uts" in paths and hostname:
-                    socket.sethostname(hostname)
-                if "net" in paths:
-                    _bring_loopback_up()
-                for name, value in (sysctls or {}).items():
-                    write_sysctl(name, value)
+                configure_pod_namespaces(kinds, hostname if "uts" in paths else "", sysctls or {})
                 for kind in kinds:
-                    _bind_pin(f"/proc/thread-self/ns/{kind}", paths[kind])
+                    bind_pin(f"/proc/thread-self/ns/{kind}", paths[kind])
             finally:
                 for kind, fd in saved.items():
                     _setns(fd, CLONE_FLAGS[kind])
@@ -153,12 +158,12 @@ def start_pid_holder(path: str, sandbox_id: str) -> int:
     def work() -> int:
         # unshare(CLONE_NEWPID) changes where this thread's children go, so
         # the holder started next is PID 1 of the new namespace.
-        _unshare(CLONE_FLAGS["pid"])
+        unshare(CLONE_FLAGS["pid"])
         return pod_init.spawn(sandbox_id)
 
     holder: int = _in_dedicated_thread(work)
     try:
-        _bind_pin(f"/proc/{holder}/ns/pid", path)
+        bind_pin(f"/proc/{holder}/ns/pid", path)
     except BaseException:
         stop_pid_holder(holder, sandbox_id)
         raise

@@ -13,6 +13,7 @@ from common.errors import FailedPrecondition, InvalidArgument
 from common.rpc import CallContext, RpcServer
 from services.netd.cni_config import load_network
 from services.netd.lifecycle import SandboxManager
+from services.netd.network_stats import NetworkStats
 
 
 def _sandbox_id(params: dict[str, Any]) -> str:
@@ -27,6 +28,7 @@ class NetDaemon:
         self.config = config
         self.sandboxes = SandboxManager(config)
         self.sandboxes.recover()
+        self.network_stats = NetworkStats()
 
     def register(self, server: RpcServer) -> None:
         server.register("sandbox.run", self.run)
@@ -35,6 +37,7 @@ class NetDaemon:
         server.register("sandbox.status", self.status)
         server.register("sandbox.list", self.list)
         server.register("sandbox.check", self.check)
+        server.register("sandbox.network_stats", self.network_usage)
 
     def run(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
         config = params.get("config")
@@ -43,10 +46,12 @@ class NetDaemon:
         return {"sandbox_id": self.sandboxes.run(config, str(params.get("runtime_handler") or ""))}
 
     def stop(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        self.network_stats.forget(_sandbox_id(params))
         self.sandboxes.stop(_sandbox_id(params))
         return {}
 
     def remove(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        self.network_stats.forget(_sandbox_id(params))
         self.sandboxes.remove(_sandbox_id(params))
         return {}
 
@@ -61,6 +66,18 @@ class NetDaemon:
         self.sandboxes.check(_sandbox_id(params))
         return {}
 
+    def network_usage(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
+        """sandbox id -> CRI NetworkUsage of its own network namespace, for
+        the ready pods among `sandbox_ids` (all ready pods when absent);
+        host-network pods have none of their own and are left out."""
+        wanted = params.get("sandbox_ids")
+        pinned = {
+            record["id"]: record["namespaces"]["network"]
+            for record in self.sandboxes.list({})
+            if record.get("state") == "ready" and (record.get("namespaces") or {}).get("network")
+        }
+        return self.network_stats.usage(pinned, None if wanted is None else set(wanted))
+
     def health(self) -> dict[str, Any]:
         # Read the config dir on each ask: a conflist that appears or breaks is
         # reflected at the kubelet's next Status, without a restart.
@@ -71,7 +88,7 @@ class NetDaemon:
         return {"ready": True, "reason": "", "network_ready": True, "network_reason": "", "network": network.name}
 
     def close(self) -> None:
-        pass
+        self.network_stats.close()
 
 
 def build(config: Config, server: RpcServer) -> NetDaemon:

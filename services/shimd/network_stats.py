@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
+
+from common.net_dev import network_usage as usage_of
 
 
 def network_usage(pid: int) -> dict[str, Any] | None:
@@ -11,23 +12,6 @@ def network_usage(pid: int) -> dict[str, Any] | None:
     from /proc/PID/net/dev: no need to enter the namespace."""
     try:
         with open(f"/proc/{pid}/net/dev") as handle:
-            lines = handle.read().splitlines()[2:]
+            return usage_of(handle.read())
     except OSError:
         return None
-    interfaces = []
-    for line in lines:
-        name, _, counters = line.partition(":")
-        name, fields = name.strip(), counters.split()
-        if name == "lo" or len(fields) < 16:
-            continue
-        interfaces.append({
-            "name": name,
-            "rx_bytes": {"value": int(fields[0])},
-            "rx_errors": {"value": int(fields[2])},
-            "tx_bytes": {"value": int(fields[8])},
-            "tx_errors": {"value": int(fields[10])},
-        })
-    if not interfaces:
-        return None
-    default = next((item for item in interfaces if item["name"] == "eth0"), interfaces[0])
-    return {"timestamp": time.time_ns(), "default_interface": default, "interfaces": interfaces}

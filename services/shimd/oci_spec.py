@@ -18,7 +18,7 @@ common.cgroups manager).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from services.shimd.spec_security import (
     DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, apparmor_profile, capabilities,
 )
 from services.shimd.spec_seccomp import seccomp_profile
+from services.shimd import spec_userns
 from services.shimd.spec_users import resolve_user
 from services.shimd.spec_validation import validate_process_size
 
@@ -53,6 +54,7 @@ class SpecInputs:
     rootfs: str
     container_dir: Path  # shimd's directory for this container (termination log)
     image_name: str = ""
+    image_volumes: list[str] = field(default_factory=list)  # imaged's mounts of the config's image volumes
 
 
 # --- command and env ----------------------------------------------------------
@@ -117,9 +119,6 @@ def _namespaces(sandbox: dict[str, Any], security: dict[str, Any]) -> list[dict[
         namespaces.append({"type": "pid", "path": pinned["pid"]})
     elif pid_mode != NAMESPACE_NODE:
         namespaces.append({"type": "pid"})
-    userns = options.get("userns_options")
-    if userns is not None and int(userns.get("mode", NAMESPACE_POD)) != NAMESPACE_NODE:
-        raise InvalidArgument("user namespaces are not supported by pyrio: use the node's (mode NODE)")
     return namespaces
 
 
@@ -135,6 +134,7 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
     if privileged and not ((inputs.sandbox_config.get("linux") or {}).get("security_context") or {}).get("privileged"):
         raise InvalidArgument("a privileged container needs a privileged pod sandbox")
 
+    userns = spec_userns.container_user_namespace(sandbox, security)
     user = resolve_user(inputs.rootfs, security, image_config.get("User", ""))
     env = merge_env(image_config.get("Env") or [], cri.get("envs") or [])
     args = process_args(cri, image_config)
@@ -168,7 +168,7 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
 
     files = sandbox.get("files") or {}
     features = handler_features(config.runtime_handler(sandbox.get("runtime_handler") or "").path)
-    user_mounts = cri_mounts(cri, features)
+    user_mounts = cri_mounts(cri, features, inputs.image_volumes)
     user_destinations = {mount["destination"] for mount in user_mounts}
     mounts = [
         mount for mount in standard_mounts(privileged, files.get("shm", ""), config.runtime.shm_size)
@@ -238,4 +238,8 @@ def build_spec(config: Config, inputs: SpecInputs, cgroups: CgroupManager | None
     }
     if hostname and any(ns["type"] == "uts" and not ns.get("path") for ns in oci_linux["namespaces"]):
         spec["hostname"] = hostname
+    if userns is not None:
+        # Host volumes get idmapped; an image volume (an overlay, which cannot be) is read-only anyway.
+        host_volumes = {mount.get("container_path", "") for mount in cri.get("mounts") or [] if not mount.get("image")}
+        spec_userns.apply(spec, sandbox, userns, host_volumes)
     return spec

@@ -35,8 +35,6 @@ def pod_limits(resources: dict[str, Any], overhead: dict[str, Any]) -> dict[str,
         mine, extra = int(resources.get(field) or 0), int(overhead.get(field) or 0)
         if mine > 0 and extra > 0:
             combined[field] = mine + extra
-    for field, value in overhead.items():
-        combined.setdefault(field, value)
     return combined
 
 

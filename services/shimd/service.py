@@ -39,6 +39,7 @@ from common.rpc import CallContext, RpcServer
 from common.state import atomic_write_bytes, atomic_write_json, remove_file
 from common.cgroups import CgroupManager, manager_for
 from common.cgroups.parent_check import check_cgroup_parent
+from services.shimd.events import ContainerEvents
 from services.shimd import cgroup_leftovers, network_stats, oci_spec, pod_resources, spec_mounts, spec_resources, spec_validation
 from services.shimd.records import (
     CREATED,
@@ -51,6 +52,7 @@ from services.shimd.records import (
     current_boot_id,
     process_start_time,
 )
+from services.shimd import spec_userns, userns_staging
 from services.shimd.adoption import ShimAdoption
 from services.shimd.shim_client import shim_request, spawn_shim, start_zygote
 
@@ -135,6 +137,7 @@ class ShimDaemon:
                 self._closing[entry.name] = entry.stat().st_mtime
             except FileNotFoundError:
                 pass
+        self.events = ContainerEvents(config, self._sandbox_of, self._exited_ids, self.store.exit_file)
         self._recovery = threading.Thread(target=self._finish_interrupted, name="shimd-recover", daemon=True)
         self._recovery.start()
         self.adoption = ShimAdoption(self.store)
@@ -146,7 +149,14 @@ class ShimDaemon:
         records = self.store.all()
         return {"ready": True, "reason": "", "containers": len(records)}
 
+    def metrics(self) -> dict[str, Any]:
+        """shimd's figures for crigw's /metrics (counters since this start)."""
+        running = sum(1 for record in self.store.all()
+                      if record.get("phase") == PHASE_CREATED and record.get("shim_pid") and self.store.shim_alive(record))
+        return {"running_shims": running, "exits": dict(self.events.exits_by_class), "oom_kills": self.events.oom_kills}
+
     def close(self) -> None:
+        self.events.close()
         self._pool.shutdown(wait=False)
         self.netd.close()
         self.imaged.close()
@@ -160,6 +170,15 @@ class ShimDaemon:
             server.register(f"container.{verb}", getattr(self, verb))
         server.register("sandbox.update_resources", self.update_sandbox_resources)
         server.register("sandbox.stats", self.sandbox_stats)
+        server.register("container.statuses", self.statuses)
+
+    def _sandbox_of(self, container_id: str) -> str:
+        record = self.store.find(container_id)
+        return record["sandbox_id"] if record and record.get("phase") == PHASE_CREATED else ""
+
+    def _exited_ids(self) -> list[str]:
+        return [record["id"] for record in self.store.all()
+                if record.get("phase") == PHASE_CREATED and self.store.exit_file(record["id"]).exists()]
 
     def _finish_interrupted(self) -> None:
         """Records left half-made or half-removed by a shimd that was killed."""
@@ -319,6 +338,7 @@ class ShimDaemon:
         finally:
             container_lock.release()
         log.info("container created", extra={"container_id": container_id, "sandbox_id": sandbox["id"], "container_name": name})
+        self.events.publish("CREATED", container_id, sandbox["id"])
         return {"container_id": container_id}
 
     def _create(self, record: dict[str, Any], sandbox: dict[str, Any], sandbox_config: dict[str, Any], call: CallContext) -> None:
@@ -326,7 +346,9 @@ class ShimDaemon:
         config = record["config"]
         prepared = self.imaged.call(
             "rootfs.prepare",
-            {"container_id": container_id, "image": record["image"].get("image", "")},
+            {"container_id": container_id, "image": record["image"].get("image", ""),
+             "image_volumes": spec_mounts.image_volume_images(config),
+             **spec_userns.rootfs_idmap(sandbox)},
             timeout=max(call.remaining(), 5.0),
         )
         record.update(
@@ -348,9 +370,12 @@ class ShimDaemon:
                 rootfs=prepared["rootfs"],
                 container_dir=container_dir,
                 image_name=prepared.get("image_name", ""),
+                image_volumes=prepared.get("image_volumes") or [],
             ),
             self.cgroups,
         )
+        if sandbox.get("userns"):
+            userns_staging.stage(self.config.pyrio.run_dir, container_id, spec, sandbox["userns"])
         cgroups_path = spec["linux"]["cgroupsPath"]
         if not self.cgroups.systemd:
             # Noted before runc runs: a create that fails removes the parents it made.
@@ -392,6 +417,7 @@ class ShimDaemon:
             "stdin_once": record["stdin_once"],
             "create_timeout": self.config.runtime.create_timeout,
             "oom_files": self.cgroups.oom_files(cgroups_path),
+            "exit_notify_socket": self.events.socket_path,
         }
         started = spawn_shim(shim_spec, self.config.runtime.create_timeout + 5.0)
         record.update(
@@ -434,6 +460,10 @@ class ShimDaemon:
             cgroup_leftovers.remove_leftovers(self.cgroups.cgroup_of(record["cgroups_path"]),
                                               record.get("cgroup_parents_made", []) if failed_create else [])
         try:
+            userns_staging.unstage(self.config.pyrio.run_dir, container_id)
+        except OSError as exc:
+            raise Internal(f"cannot remove the staged mounts of container {container_id}: {exc}") from None
+        try:
             self.imaged.call("rootfs.remove", {"container_id": container_id}, idempotent=True)
         except NotFound:
             pass
@@ -452,16 +482,18 @@ class ShimDaemon:
             # Taken before the start: a container that exits at once must not
             # report a finish before its start.
             started_at = time.time_ns()
-            try:
-                self._runtime(record, "start", record["id"])
-            except Internal:
-                # A shimd killed after `runtime start` but before saving the
-                # record left the container started: the start happened.
-                if self._runtime_status(record) not in ("running", "stopped"):
-                    raise
-                log.info("container was already started", extra={"container_id": record["id"]})
-            record["started_at"] = started_at
-            self.store.save(record)
+            with self.events.starting(record["id"], record["sandbox_id"]) as start:
+                try:
+                    self._runtime(record, "start", record["id"])
+                except Internal:
+                    # A shimd killed after `runtime start` but before saving the
+                    # record left the container started: the start happened.
+                    if self._runtime_status(record) not in ("running", "stopped"):
+                        raise
+                    log.info("container was already started", extra={"container_id": record["id"]})
+                record["started_at"] = started_at
+                self.store.save(record)
+                start.succeeded = True
         return {}
 
     def _runtime_status(self, record: dict[str, Any]) -> str:
@@ -541,6 +573,7 @@ class ShimDaemon:
                 self._destroy_later(record)
                 raise
         log.info("container removed", extra={"container_id": record["id"]})
+        self.events.publish("DELETED", record["id"], record["sandbox_id"])
 
     def _check_open(self, sandbox_id: str) -> None:
         """Refuse a create in a pod whose stop or removal has begun (call with the store lock)."""
@@ -644,6 +677,14 @@ class ShimDaemon:
     def status(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
         record = self._record(params)
         return self._status(record, bool(params.get("verbose")))
+
+    def statuses(self, params: dict[str, Any], call: CallContext) -> list[dict[str, Any]]:
+        """The ContainerStatus of every container of one pod (events, PodSandboxStatus)."""
+        sandbox_id = params.get("sandbox_id", "")
+        if not sandbox_id:
+            raise InvalidArgument("sandbox_id must not be empty")
+        return [self._status(record) for record in self.store.all()
+                if record["sandbox_id"] == sandbox_id and record.get("phase") == PHASE_CREATED]
 
     def list(self, params: dict[str, Any], call: CallContext) -> list[dict[str, Any]]:
         wanted = params.get("filter") or {}

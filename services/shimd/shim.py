@@ -517,6 +517,7 @@ class Shim:
             self.oom_fd = -1
         self.exit_record = {"exit_code": exit_code, "exited_at": exited_at, "oom_killed": oom_killed, "pid": self.pid}
         atomic_write(self.spec["exit_file"], compact_json.dumps(self.exit_record))
+        self.announce_exit()
         for fd in list(self.attach_clients):
             self.drop_attach_client(fd)
         if self.stdin_fd >= 0 and self.stdin_fd not in self.outputs:
@@ -524,6 +525,23 @@ class Shim:
         for waiter in self.stop_waiters:
             self.reply(waiter[0], {"ok": True, "exit": self.exit_record})
         self.stop_waiters.clear()
+
+    def announce_exit(self) -> None:
+        """Tell shimd the exit file is there (services/shimd/events.py): one
+        datagram with the container id. Best effort: shimd sweeps for exit
+        files it was not told about, and a shimd that is down is restarted
+        into a new event epoch anyway."""
+        path = self.spec.get("exit_notify_socket")
+        if not path:
+            return
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        try:
+            sock.settimeout(1.0)
+            sock.sendto(self.spec["container_id"].encode(), path)
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
     def check_stop_deadlines(self) -> None:
         now = time.monotonic()

@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from common.errors import FailedPrecondition, InvalidArgument
+from common.errors import FailedPrecondition, InvalidArgument, NotFound
 from common.mounts import mount_of
 from common.runtime_features import HandlerFeatures
 
@@ -55,15 +55,25 @@ def standard_mounts(privileged: bool, shm_path: str, shm_size: int) -> list[dict
     return mounts
 
 
-def cri_mounts(config: dict[str, Any], features: HandlerFeatures) -> list[dict[str, Any]]:
+def image_volume_images(config: dict[str, Any]) -> list[str]:
+    """The images the config mounts as volumes (CRI Mount.image), in mount order."""
+    return [image for mount in config.get("mounts") or [] if (image := (mount.get("image") or {}).get("image", ""))]
+
+
+def cri_mounts(config: dict[str, Any], features: HandlerFeatures, image_volumes: list[str] | None = None) -> list[dict[str, Any]]:
     """The config's volumes as OCI bind mounts, each checked against the
-    host (propagation) and the handler (recursive read-only)."""
+    host (propagation) and the handler (recursive read-only). `image_volumes`
+    are where imaged mounted the images of image_volume_images(config)."""
     mounts = []
+    volume_paths = iter(image_volumes or [])
     for mount in config.get("mounts") or []:
         destination = mount.get("container_path", "")
         source = mount.get("host_path", "")
         if not destination or not os.path.isabs(destination):
             raise InvalidArgument(f"mount container_path must be an absolute path, got {destination!r}")
+        if (mount.get("image") or {}).get("image"):
+            mounts.append(_image_mount(mount, destination, next(volume_paths, ""), features))
+            continue
         if not source or not os.path.isabs(source):
             raise InvalidArgument(f"mount host_path must be an absolute path, got {source!r}")
         if not os.path.exists(source):
@@ -84,6 +94,32 @@ def cri_mounts(config: dict[str, Any], features: HandlerFeatures) -> list[dict[s
             options.append("rro")
         mounts.append({"destination": destination, "type": "bind", "source": source, "options": options})
     return mounts
+
+
+def _image_mount(mount: dict[str, Any], destination: str, volume: str, features: HandlerFeatures) -> dict[str, Any]:
+    """An image volume: imaged's read-only overlay of the image (or a
+    directory of it, image_sub_path), read-only and noexec as the CRI says."""
+    if mount.get("host_path"):
+        raise InvalidArgument(f"mount {destination}: host_path and image are mutually exclusive")
+    if not volume:
+        raise InvalidArgument(f"mount {destination}: the image volume was not prepared")
+    source = volume
+    sub_path = mount.get("image_sub_path", "")
+    if sub_path:
+        if os.path.isabs(sub_path) or ".." in Path(sub_path).parts:
+            raise InvalidArgument(f"mount {destination}: image_sub_path {sub_path!r} must be a relative path inside the image")
+        # realpath follows the image's symlinks from the host's /: one that leaves the image is refused.
+        source = os.path.realpath(os.path.join(volume, sub_path))
+        if source != volume and not source.startswith(volume + "/"):
+            raise InvalidArgument(f"mount {destination}: image_sub_path {sub_path!r} leads out of the image")
+        if not os.path.exists(source):
+            raise NotFound(f"mount {destination}: image_sub_path {sub_path!r} does not exist in image "
+                           f"{(mount.get('image') or {}).get('image', '')}")
+    options = ["rbind", "rprivate", "ro", "nosuid", "nodev", "noexec"]
+    if mount.get("recursive_read_only"):
+        _check_recursive_read_only(mount, destination, features)
+        options.append("rro")
+    return {"destination": destination, "type": "bind", "source": source, "options": options}
 
 
 def _check_host_propagation(source: str, destination: str, propagation: int) -> None:
