@@ -13,9 +13,16 @@ created="$PREFIX/created"
 touch "$created"
 record() { grep -qxF "$1" "$created" || echo "$1" >> "$created"; }
 
-[ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
-# PIP_NO_INDEX/PIP_FIND_LINKS in the environment install offline (the node lane does).
-"$PREFIX/venv/bin/pip" install -q --upgrade "$src"
+# PIP_NO_INDEX/PIP_FIND_LINKS in the environment install offline (the node
+# lane does). $PYRIO_PIP: a pip to install with instead of the venv's own (the
+# node lane's guest has one; ensurepip alone takes minutes under emulation).
+if [ -n "${PYRIO_PIP:-}" ]; then
+    [ -x "$PREFIX/venv/bin/python" ] || python3 -m venv --without-pip "$PREFIX/venv"
+    $PYRIO_PIP --python "$PREFIX/venv/bin/python" install -q --upgrade "$src"
+else
+    [ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
+    "$PREFIX/venv/bin/pip" install -q --upgrade "$src"
+fi
 install -m 0644 "$src/README.md" "$PREFIX/README.md"
 
 install -m 0644 "$src/supervisord.conf" "$SYSCONFDIR/supervisord.conf"

@@ -57,6 +57,7 @@ class Port:
     def requests(self):
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
+        idle = 0.05
         while True:
             while b"\n" in self.buffer:
                 line, self.buffer = self.buffer.split(b"\n", 1)
@@ -69,16 +70,16 @@ class Port:
             if not ready:
                 continue
             mask = ready[0][1]
-            if not mask & select.POLLIN:
-                # No host connected: the port reports a hang-up until one is.
-                self.buffer = b""
-                time.sleep(0.05)
-                continue
-            chunk = os.read(self.fd, CHUNK)
+            chunk = os.read(self.fd, CHUNK) if mask & select.POLLIN else b""
             if not chunk:
+                # No host connected: the port reports a hang-up until one is,
+                # so poll() cannot wait; back off (under emulation a busy
+                # loop costs the guest a whole vCPU).
                 self.buffer = b""
-                time.sleep(0.05)
+                time.sleep(idle)
+                idle = min(idle * 2, 0.5)
                 continue
+            idle = 0.05
             self.buffer += chunk
 
 

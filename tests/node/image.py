@@ -49,6 +49,8 @@ GUEST_PACKAGES = (
     "docker-registry", "apache2-utils", "openssl", "ca-certificates",
 )
 DISK_SIZE = "8G"
+# In the guest: a venv with pyrio's dependencies and test extras (not pyrio).
+DEPS_VENV = "/opt/pyrio-deps"
 HOST_TOOLS = {"mmdebstrap": "mmdebstrap", "mke2fs": "e2fsprogs", "qemu-img": "qemu-utils",
               "qemu-system-x86_64": "qemu-system-x86"}
 
@@ -170,7 +172,7 @@ def build_wheels(target: Path) -> None:
     partial.rename(target)
 
 
-def build_rootfs(rootfs: Path) -> None:
+def build_rootfs(rootfs: Path, wheels: Path) -> None:
     hook_dir = rootfs.parent / "hooks"
     hook_dir.mkdir(exist_ok=True)
     (hook_dir / "customize.sh").write_text(CUSTOMIZE)
@@ -179,6 +181,7 @@ def build_rootfs(rootfs: Path) -> None:
     (hook_dir / "pyrio-node-modules").chmod(0o755)
     (hook_dir / "pyrio-guest-agent.service").write_text(AGENT_UNIT)
     shutil.copy(NODE_DIR / "agent.py", hook_dir / "pyrio-guest-agent.py")
+    (hook_dir / "requirements.txt").write_text("\n".join(python_requirements()) + "\n")
     # A small initramfs (only what mounts the root disk) before the kernel
     # package runs update-initramfs: under emulation every megabyte is seconds.
     hooks = [
@@ -190,6 +193,15 @@ def build_rootfs(rootfs: Path) -> None:
         f"--customize-hook=copy-in {hook_dir / 'pyrio-guest-agent.service'} /etc/systemd/system",
         f"--customize-hook=copy-in {hook_dir / 'pyrio-guest-agent.py'} /usr/local/lib",
         f"--customize-hook=sh {hook_dir / 'customize.sh'} \"$1\"",
+        # pyrio's dependencies in a venv made at build time, natively: in the
+        # emulated guest, ensurepip and pip alone take many minutes.
+        "--customize-hook=mkdir -p \"$1/tmp/pyrio-wheels\"",
+        f"--customize-hook=sync-in {wheels} /tmp/pyrio-wheels",
+        f"--customize-hook=copy-in {hook_dir / 'requirements.txt'} /tmp",
+        f"--customize-hook=chroot \"$1\" python3 -m venv {DEPS_VENV}",
+        f"--customize-hook=chroot \"$1\" {DEPS_VENV}/bin/pip install -q --no-index --find-links /tmp/pyrio-wheels "
+        "-r /tmp/requirements.txt",
+        "--customize-hook=rm -rf \"$1/tmp/pyrio-wheels\" \"$1/tmp/requirements.txt\"",
     ]
     subprocess.run(["mmdebstrap", "--mode=root", "--variant=apt", "--format=directory",
                     "--include=" + ",".join(GUEST_PACKAGES), *hooks, SUITE, str(rootfs), *MIRRORS],
@@ -207,12 +219,12 @@ def uncompressed_kernel(bzimage: bytes) -> bytes:
     return elf
 
 
-def build_image(target: Path) -> None:
+def build_image(target: Path, wheels: Path) -> None:
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     rootfs = partial / "rootfs"
-    build_rootfs(rootfs)
+    build_rootfs(rootfs, wheels)
     boot = rootfs / "boot"
     kernel = sorted(boot.glob("vmlinuz-*"))[-1]
     initrd = sorted(boot.glob("initrd.img-*"))[-1]
@@ -232,7 +244,7 @@ def build_image(target: Path) -> None:
 def ensure_image() -> GuestImage:
     """The cached image for the current inputs, built first when absent."""
     ensure_host_tools()
-    image_dir = CACHE_ROOT / "images" / image_key()
+    image_dir = CACHE_ROOT / "images" / f"{image_key()}-{wheels_key()}"
     wheels_dir = CACHE_ROOT / "wheels" / wheels_key()
     with cache_lock():
         if not wheels_dir.is_dir():
@@ -243,7 +255,7 @@ def ensure_image() -> GuestImage:
         if not image_dir.is_dir():
             started = time.monotonic()
             log(f"building the guest image into {image_dir} (cold: a few minutes)")
-            build_image(image_dir)
+            build_image(image_dir, wheels_dir)
             log(f"image built in {time.monotonic() - started:.0f}s")
     return GuestImage(disk=image_dir / "root.qcow2", kernel=image_dir / "vmlinux",
                       initrd=image_dir / "initrd.img", wheels=wheels_dir)
