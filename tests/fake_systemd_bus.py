@@ -5,7 +5,7 @@ For hosts without systemd: the D-Bus client of the systemd cgroup driver
 through a real bus daemon (names, match rules, signals, errors). The stand-in
 answers StartTransientUnit, StopUnit and SetUnitProperties the way systemd
 does: a job path, then a JobRemoved signal for it; NoSuchUnit for a unit it
-does not know. What systemd itself does with a unit is tested on the node
+does not know; a started slice gets its directory in a fake cgroup tree. What systemd itself does with a unit is tested on the node
 lane's systemd guest.
 """
 
@@ -22,6 +22,8 @@ from jeepney import DBusAddress, MessageType, new_error, new_method_return, new_
 from jeepney.bus_messages import message_bus
 from jeepney.io.blocking import open_dbus_connection
 
+from common.cgroups.systemd import expand_slice
+
 MANAGER = DBusAddress("/org/freedesktop/systemd1", bus_name="org.freedesktop.systemd1",
                       interface="org.freedesktop.systemd1.Manager")
 
@@ -33,6 +35,8 @@ class FakeSystemd:
     units: dict[str, list] = field(default_factory=dict)
     # Unit name -> systemd's result word for its job ("done", "failed", ...).
     results: dict[str, str] = field(default_factory=dict)
+    # Where a started slice gets its cgroup directory, as systemd makes it (None: nowhere).
+    cgroup_root: Path | None = None
 
 
 def available() -> bool:
@@ -97,6 +101,10 @@ class FakeSystemdBus:
                                                   (f"Unit {unit} was already loaded or has a fragment file.",)))
                         continue
                     self.state.units[unit] = list(message.body[2])
+                elif method == "StartUnit":
+                    self.state.units.setdefault(unit, [])
+                    if self.state.cgroup_root is not None and unit.endswith(".slice"):
+                        (self.state.cgroup_root / expand_slice(unit).lstrip("/")).mkdir(parents=True, exist_ok=True)
                 elif method in ("StopUnit", "SetUnitProperties"):
                     if unit not in self.state.units:
                         connection.send(new_error(message, "org.freedesktop.systemd1.NoSuchUnit", "s",

@@ -338,12 +338,15 @@ def test_systemd_driver_starts_a_scope_for_a_process_over_dbus(tmp_path: Path, f
 
 def test_systemd_driver_sets_a_pod_slice_properties_and_files(tmp_path: Path, fake_systemd: FakeSystemd) -> None:
     manager = CgroupManager(fake_v2(tmp_path, "cpu memory pids"), SYSTEMD)
+    fake_systemd.cgroup_root = tmp_path
     # A slice systemd has not loaded is started with the properties.
     manager.set("pyrio_pod-x1.slice", {"cpu_shares": 1024, "memory_limit_in_bytes": 1 << 30})
     assert dict(fake_systemd.units["pyrio_pod-x1.slice"])["CPUWeight"] == ("t", 39)
     assert (tmp_path / "pyrio_pod.slice" / "pyrio_pod-x1.slice" / "memory.max").read_text() == str(1 << 30)
     manager.set("pyrio_pod-x1.slice", {"memory_limit_in_bytes": 1 << 29})
-    assert fake_systemd.calls[-1][0] == "SetUnitProperties"
+    assert [call[0] for call in fake_systemd.calls[-2:]] == ["SetUnitProperties", "StartUnit"]
+    # systemd enables the slice's controllers: pyrio writes no subtree_control with this driver.
+    assert not (tmp_path / "cgroup.subtree_control").exists()
     assert dict(fake_systemd.units["pyrio_pod-x1.slice"])["MemoryMax"] == ("t", 1 << 29)
 
 

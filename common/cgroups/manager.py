@@ -89,9 +89,11 @@ class CgroupManager:
                 if systemd_dbus.NO_SUCH_UNIT not in str(exc):
                     raise
                 systemd_dbus.start_transient_unit(parent, [("Description", ("s", "pyrio pod slice")), *properties])
+            # systemd makes the slice's cgroup (and enables its controllers) when it starts.
+            systemd_dbus.start_unit(parent)
         cgroup = self.parent_cgroup(parent)
         try:
-            self.layout.write(cgroup, files)
+            self.layout.write(cgroup, files, create=not self.systemd)
         except OSError as exc:
             raise FailedPrecondition(f"cannot set the resources of cgroup {cgroup}: {exc}") from None
 

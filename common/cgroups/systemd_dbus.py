@@ -81,6 +81,11 @@ def start_transient_unit(name: str, properties: list[Property]) -> None:
     _call("StartTransientUnit", "ssa(sv)a(sa(sv))", (name, "fail", properties, []), wait_job=True)
 
 
+def start_unit(name: str) -> None:
+    """StartUnit(name, "replace") and wait: a slice gets its cgroup (a no-op for an active unit)."""
+    _call("StartUnit", "ss", (name, "replace"), wait_job=True)
+
+
 def stop_unit(name: str) -> None:
     """StopUnit(name, "replace"); a unit systemd does not know is already stopped."""
     try:

@@ -53,13 +53,14 @@ class V1Layout:
     def oom_files(self, cgroup: str) -> list[str]:
         return [str(self.hierarchy.root / "memory" / cgroup.strip("/") / "memory.oom_control")]
 
-    def write(self, cgroup: str, files: dict[str, str]) -> None:
-        """Write "controller/file" values (resources.file_values) into this cgroup."""
+    def write(self, cgroup: str, files: dict[str, str], create: bool = True) -> None:
+        """Write "controller/file" values (resources.file_values) into this cgroup (made first if `create`)."""
         relative = cgroup.strip("/")
         for name, value in files.items():
             controller, _, _ = name.partition("/")
             directory = self.hierarchy.root / controller / relative
-            directory.mkdir(parents=True, exist_ok=True)
+            if create:
+                directory.mkdir(parents=True, exist_ok=True)
             (self.hierarchy.root / controller / relative / name.split("/", 1)[1]).write_text(value)
 
     def create(self, cgroup: str, pid: int | None = None) -> None:

@@ -71,8 +71,10 @@ class V2Layout:
             directory = directory / part
             directory.mkdir(exist_ok=True)
 
-    def write(self, cgroup: str, files: dict[str, str]) -> None:
-        self.enable_controllers(cgroup)
+    def write(self, cgroup: str, files: dict[str, str], create: bool = True) -> None:
+        """Write file values into the cgroup; `create`: make it first, enabling its controllers."""
+        if create:
+            self.enable_controllers(cgroup)
         directory = self.directory(cgroup)
         for name, value in files.items():
             (directory / name).write_text(value)

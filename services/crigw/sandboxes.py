@@ -115,7 +115,9 @@ def sandbox_status_message(record: dict[str, Any]) -> api_pb2.PodSandboxStatus:
         "ip": record["network"].get("ip", ""),
         "additional_ips": [{"ip": ip} for ip in record["network"].get("additional_ips", [])],
     }
-    status["linux"] = {"namespaces": {"options": record["namespace_options"]}}
+    status["linux"] = {"namespaces": {"options": dict(record["namespace_options"])}}
+    if record.get("userns"):
+        status["linux"]["namespaces"]["options"]["userns_options"] = {"mode": "POD", **record["userns"]}
     return dict_to_message(status, api_pb2.PodSandboxStatus)
 
 

@@ -31,6 +31,7 @@ HANDLER_MODULES = (
     "services.crigw.containers",
     "services.crigw.stats",
     "services.crigw.events",
+    "services.crigw.pod_metrics",
     "services.crigw.streaming",
 )
 

@@ -844,6 +844,10 @@ class ShimDaemon:
         count = self.cgroups.process_count(record.get("cgroups_path", ""))
         if count is not None:
             stats["process_count"] = count
+        if record.get("cgroups_path"):
+            stats["oom_kills"] = self.cgroups.oom_kills(record["cgroups_path"])  # ListPodSandboxMetrics
+        stats["image"] = reported_image(record).get("image", "")
+        stats["started_at"] = record.get("started_at", 0)
         try:
             usage = self.imaged.call("rootfs.usage", {"container_id": record["id"]}, timeout=5.0, idempotent=True)
             stats["writable_layer"] = {
