@@ -48,7 +48,7 @@ def test_init_watch_sees_an_exit_through_the_pidfd() -> None:
     child = subprocess.Popen(["sleep", "30"])
     watch = InitWatch()
     try:
-        watch.watch("c1", child.pid, lambda: True)
+        watch.watch("c1", [child.pid], lambda: True)
         assert watch.alive("c1") and watch.alive_ids() == {"c1"}
         child.kill()
         child.wait()
@@ -63,7 +63,7 @@ def test_init_watch_refuses_a_pid_that_changed_and_keeps_exits() -> None:
     child = subprocess.Popen(["sleep", "30"])
     watch = InitWatch()
     try:
-        watch.watch("c1", child.pid, lambda: False)  # the pid was reused meanwhile
+        watch.watch("c1", [child.pid], lambda: False)  # the pid was reused meanwhile
         assert not watch.alive("c1")
         watch.remember_exit("c1", {"exit_code": 3})
         assert watch.exit_record("c1") == {"exit_code": 3}

@@ -1,11 +1,12 @@
-"""Which container inits are alive, without reading /proc for each of them.
+"""Which containers' inits (and shims) are alive, without reading /proc for each.
 
 A container's state is derived from its files and processes (records.py:
 `ContainerStore.state`), which costs an exit-file open and a /proc read per
 container. ListContainers asks that for every container every second, so the
 answers that cannot change without a process exiting are kept here:
-- an init once seen alive is held by a pidfd (immune to PID reuse); one poll
-  over all of them says which have exited since;
+- an init once seen alive with its shim is held, with the shim, by pidfds
+  (immune to PID reuse); one poll over all of them says which container lost
+  either since (then the full derivation runs again);
 - an exit record, once read, is final (the shim writes it once, atomically).
 
 This is a cache of the kernel's and the files' answers: a restarted shimd
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 class InitWatch:
     def __init__(self) -> None:
-        self._pidfds: dict[str, int] = {}
+        self._pidfds: dict[str, list[int]] = {}
         self._ids_by_fd: dict[int, str] = {}
         self._poll = select.poll()
         self._exits: dict[str, dict[str, Any]] = {}
@@ -37,12 +38,12 @@ class InitWatch:
             self._drop(container_id)
 
     def alive(self, container_id: str) -> bool:
-        """True when the init is held and has not exited (one poll of its pidfd)."""
+        """True when the container's processes are held and none has exited."""
         with self._lock:
-            fd = self._pidfds.get(container_id)
-            if fd is None:
+            fds = self._pidfds.get(container_id)
+            if fds is None:
                 return False
-            if select.select([fd], [], [], 0)[0]:
+            if select.select(fds, [], [], 0)[0]:
                 self._drop(container_id)
                 return False
             return True
@@ -56,25 +57,28 @@ class InitWatch:
                     self._drop(container_id)
             return set(self._pidfds)
 
-    def watch(self, container_id: str, pid: int, still_same: Callable[[], bool]) -> None:
-        """Hold `pid` as the container's init; `still_same()` is checked after
-        the pidfd is open, so a PID reused meanwhile is never held."""
-        if container_id in self._pidfds or not pid:
+    def watch(self, container_id: str, pids: list[int], still_same: Callable[[], bool]) -> None:
+        """Hold `pids` (the init and its shim) while all live; `still_same()` is
+        checked after the pidfds are open, so a PID reused meanwhile is never held."""
+        if container_id in self._pidfds or not all(pids):
             return
+        fds: list[int] = []
         try:
-            fd = os.pidfd_open(pid)
+            for pid in pids:
+                fds.append(os.pidfd_open(pid))
         except OSError:
-            return
-        if not still_same():
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             return
         with self._lock:
-            if container_id in self._pidfds:
-                os.close(fd)
+            if container_id in self._pidfds or not still_same():
+                for fd in fds:
+                    os.close(fd)
                 return
-            self._pidfds[container_id] = fd
-            self._ids_by_fd[fd] = container_id
-            self._poll.register(fd, select.POLLIN)
+            self._pidfds[container_id] = fds
+            for fd in fds:
+                self._ids_by_fd[fd] = container_id
+                self._poll.register(fd, select.POLLIN)
 
     def forget(self, container_id: str) -> None:
         with self._lock:
@@ -82,8 +86,7 @@ class InitWatch:
             self._drop(container_id)
 
     def _drop(self, container_id: str) -> None:
-        fd = self._pidfds.pop(container_id, None)
-        if fd is not None:
+        for fd in self._pidfds.pop(container_id, []):
             self._ids_by_fd.pop(fd, None)
             self._poll.unregister(fd)
             os.close(fd)
