@@ -24,6 +24,7 @@ from common.config import Config
 from common.errors import NotFound, PyrioError
 from common.ids import resolve_id
 from common.state import atomic_write_json, read_json, remove_stale_temp_files
+from services.shimd.shim_io import keeper_exit_status
 from services.shimd.request_files import read_regular_file
 
 CREATED, RUNNING, EXITED, UNKNOWN = 0, 1, 2, 3  # CRI ContainerState
@@ -99,6 +100,10 @@ class ContainerStore:
     def exit_file(self, container_id: str) -> Path:
         return self.directory(container_id) / "exit.json"
 
+    def reaped_file(self, container_id: str) -> Path:
+        """The keeper's records of the processes it reaped (services/shimd/keeper.py)."""
+        return self.directory(container_id) / "reaped"
+
     def control_socket(self, container_id: str) -> str:
         return str(self.sockets / f"{container_id[:20]}.ctl")
 
@@ -168,9 +173,27 @@ class ContainerStore:
         pid = int(record.get("pid") or 0)
         return bool(pid) and process_start_time(pid) == record.get("pid_start_time")
 
+    def keeper_alive(self, record: dict[str, Any]) -> bool:
+        pid = int(record.get("keeper_pid") or 0)
+        return bool(pid) and process_start_time(pid) == record.get("keeper_start_time")
+
+    def keeper_exit(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """The init's exit as its keeper recorded it (written down as the exit
+        file), when the shim died before it could write that itself."""
+        status = keeper_exit_status(str(self.reaped_file(record["id"])), int(record.get("pid") or 0))
+        if status is None:
+            return None
+        exit_code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        exit_record = {"exit_code": exit_code, "exited_at": time.time_ns(), "oom_killed": False,
+                       "pid": record.get("pid", 0)}
+        atomic_write_json(self.exit_file(record["id"]), exit_record)
+        return exit_record
+
     def shim_alive(self, record: dict[str, Any]) -> bool:
         pid = int(record.get("shim_pid") or 0)
-        return bool(pid) and process_start_time(pid) != 0 and os.path.exists(self.control_socket(record["id"]))
+        started = process_start_time(pid) if pid else 0
+        # A reused pid is no shim (records before shim_start_time compare nothing).
+        return bool(started) and started == record.get("shim_start_time", started) and os.path.exists(self.control_socket(record["id"]))
 
     def state(self, record: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         """(CRI state, exit record) derived from the files and the live processes."""
@@ -179,8 +202,16 @@ class ContainerStore:
         exit_record = self.read_exit(record["id"])
         if exit_record is not None:
             return EXITED, exit_record
-        if self.shim_alive(record) or self.init_alive(record):
+        if self.shim_alive(record) or (self.init_alive(record) and self.keeper_alive(record)):
+            # Without a shim the keeper still holds the container's output and
+            # will record its exit; a new shim is on its way (adoption.py).
             return (RUNNING if record.get("started_at") else CREATED), None
+        if self.init_alive(record):
+            return UNKNOWN, None  # nobody supervises it: its exit could not be known
+        rebooted = bool(record.get("boot_id")) and record["boot_id"] != current_boot_id()
+        exit_record = None if rebooted else self.keeper_exit(record)
+        if exit_record is not None:
+            return EXITED, exit_record
         # Both gone and no exit file: the shim was killed, then the container
         # ended. Re-read first: the shim may have written it just now.
         exit_record = self.read_exit(record["id"])
