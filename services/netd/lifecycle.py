@@ -292,9 +292,13 @@ class SandboxManager:
             return  # already removed: nothing left to stop
         with self.store.operation_lock(sandbox_id):
             record = self.store.get(sandbox_id)
-            self._tear_down(record)
-            if record["state"] != NOTREADY:
+            if not record.get("released"):
+                self._tear_down(record)
+            if record["state"] != NOTREADY or not record.get("released"):
+                # Released: CNI DEL, PID 1, pins and shm all done. The kubelet stops a
+                # pod again and again, then removes it; neither runs the plugins again.
                 record["state"] = NOTREADY
+                record["released"] = True
                 self.store.save(record)
         log.info("pod sandbox stopped", extra={"sandbox_id": sandbox_id})
 
@@ -308,7 +312,8 @@ class SandboxManager:
                 record = self.store.get(sandbox_id)
             except NotFound:
                 return
-            self._tear_down(record)
+            if not record.get("released"):
+                self._tear_down(record)
             pod_files.remove_pod_files(pod_files.pod_dir(self.state_dir, sandbox_id))
             self.store.delete(sandbox_id)
         log.info("pod sandbox removed", extra={"sandbox_id": sandbox_id})
