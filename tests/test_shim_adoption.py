@@ -110,3 +110,19 @@ def test_exit_code_of_a_container_that_ends_after_losing_its_shim(fresh_containe
     containers.stack.wait_ready()
     status = containers.wait_state(late, CONTAINER_EXITED)
     assert status.exit_code == 6, status.message
+
+
+def test_a_container_nobody_supervises_is_unknown_not_running(fresh_containers: Containers) -> None:
+    containers = fresh_containers
+    lost = containers.run(containers.pod(), "lost", command=["sleep", "3600"])
+    info = containers.info(lost)
+    containers.stack.supervisorctl("stop", "shimd")  # no new shim may come
+    os.kill(info["keeper_pid"], signal.SIGKILL)
+    os.kill(info["shim_pid"], signal.SIGKILL)
+    containers.stack.supervisorctl("start", "shimd")
+    containers.stack.wait_ready()
+    assert containers.status(lost).status.state == api_pb2.CONTAINER_UNKNOWN
+    # StopContainer still ends it; its code is lost and the message says so.
+    containers.stop(lost, timeout=1)
+    status = containers.wait_state(lost, CONTAINER_EXITED)
+    assert status.exit_code == 255 and "exit" in status.message
