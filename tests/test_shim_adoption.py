@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def test_a_container_outlives_its_shim_and_is_readopted(fresh_containers: Contai
     assert containers.status(counter).status.state == CONTAINER_RUNNING
     assert_log_goes_on(containers, counter, last)
     assert containers.exec(counter, "echo", "exec-ok").stdout == b"exec-ok\n"
+    # Attach: the new shim serves the container's attach socket (stream id, then data).
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+        client.settimeout(10)
+        client.connect(str(Path(containers.stack.run_dir) / "shims" / f"{counter[:20]}.attach"))
+        packet = client.recv(65536)
+        assert packet[:1] == b"\x02" and b"line-" in packet[1:]
 
     # ReopenContainerLog through the new shim: new lines go to a new file.
     log_path = Path(containers.status(counter).status.log_path)
