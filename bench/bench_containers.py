@@ -25,6 +25,7 @@ from typing import Any
 
 from cri_api.v1 import api_pb2
 
+from bench.proc_stats import children_of, pss_kib, rollup_kib
 from bench.timing import p95, timed
 from tests.fixtures_images import start_registry
 from tests.fixtures_pods import pod_config
@@ -54,26 +55,6 @@ def start_sleeping_pod(runtime: Any, image: str, log_directory: str, command: li
     ).container_id
     runtime.StartContainer(api_pb2.StartContainerRequest(container_id=container_id), timeout=60)
     return sandbox_id, container_id
-
-
-def rollup_kib(pid: int, field: str = "Pss") -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as handle:
-        for line in handle:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    return 0
-
-
-def pss_kib(pid: int) -> int:
-    return rollup_kib(pid, "Pss")
-
-
-def children_of(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            return [int(item) for item in handle.read().split()]
-    except OSError:
-        return []
 
 
 def run() -> dict[str, float | str]:
