@@ -24,6 +24,7 @@ from common.config import Config
 from common.errors import NotFound, PyrioError
 from common.ids import resolve_id
 from common.state import atomic_write_json, read_json, remove_stale_temp_files
+from services.shimd.liveness import InitWatch
 from services.shimd.shim_io import keeper_exit_status
 from services.shimd.request_files import read_regular_file
 
@@ -76,6 +77,7 @@ class ContainerStore:
         self._records: dict[str, dict[str, Any]] = {}
         self._lock = threading.RLock()
         self._id_locks: dict[str, threading.RLock] = {}
+        self.inits = InitWatch()
         for directory in self.root.iterdir():
             if not directory.is_dir():
                 continue
@@ -151,6 +153,7 @@ class ContainerStore:
         with self._lock:
             self._records.pop(container_id, None)
             self._id_locks.pop(container_id, None)
+        self.inits.forget(container_id)
         for path in (self.control_socket(container_id), self.attach_socket(container_id)):
             try:
                 os.unlink(path)
@@ -195,16 +198,26 @@ class ContainerStore:
         # A reused pid is no shim (records before shim_start_time compare nothing).
         return bool(started) and started == record.get("shim_start_time", started) and os.path.exists(self.control_socket(record["id"]))
 
-    def state(self, record: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-        """(CRI state, exit record) derived from the files and the live processes."""
+    def state(self, record: dict[str, Any], alive_ids: set[str] | None = None) -> tuple[int, dict[str, Any] | None]:
+        """(CRI state, exit record) derived from the files and the live processes.
+
+        `alive_ids` is `self.inits.alive_ids()` taken once for a whole listing."""
         if record.get("phase") == PHASE_CREATING:
             return UNKNOWN, None
-        exit_record = self.read_exit(record["id"])
+        container_id = record["id"]
+        # An init and its shim held by pidfds, neither exited: no exit file can exist yet.
+        if container_id in alive_ids if alive_ids is not None else self.inits.alive(container_id):
+            return (RUNNING if record.get("started_at") else CREATED), None
+        exit_record = self.inits.exit_record(container_id) or self.read_exit(container_id)
         if exit_record is not None:
+            self.inits.remember_exit(container_id, exit_record)
             return EXITED, exit_record
         if self.shim_alive(record) or (self.init_alive(record) and self.keeper_alive(record)):
             # Without a shim the keeper still holds the container's output and
             # will record its exit; a new shim is on its way (adoption.py).
+            if self.init_alive(record) and self.shim_alive(record):
+                self.inits.watch(container_id, [int(record["pid"]), int(record["shim_pid"])],
+                                 lambda: self.init_alive(record) and self.shim_alive(record))
             return (RUNNING if record.get("started_at") else CREATED), None
         if self.init_alive(record):
             return UNKNOWN, None  # nobody supervises it: its exit could not be known
@@ -221,6 +234,7 @@ class ContainerStore:
             else:
                 reason = "the shim exited before recording the container's exit"
             exit_record = self.record_lost_exit(record, reason)
+        self.inits.remember_exit(container_id, exit_record)
         return EXITED, exit_record
 
     def termination_message(self, record: dict[str, Any]) -> str:

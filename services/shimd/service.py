@@ -686,12 +686,20 @@ class ShimDaemon:
         return [self._status(record) for record in self.store.all()
                 if record["sandbox_id"] == sandbox_id and record.get("phase") == PHASE_CREATED]
 
-    def list(self, params: dict[str, Any], call: CallContext) -> list[dict[str, Any]]:
+    def list(self, params: dict[str, Any], call: CallContext) -> list[Any]:
+        """Listed containers matching the filter; with `brief`, only [id, state]
+        pairs (a listed container's other fields never change: crigw caches them)."""
         wanted = params.get("filter") or {}
-        result = []
+        brief = bool(params.get("brief"))
+        wanted_state = int((wanted.get("state") or {}).get("state", 0)) if wanted.get("state") is not None else None
+        alive = self.store.inits.alive_ids()
+        result: list[Any] = []
         for record in self._filtered(wanted):
-            state, _ = self.store.state(record)
-            if "state" in wanted and wanted["state"] is not None and state != int((wanted["state"] or {}).get("state", 0)):
+            state, _ = self.store.state(record, alive)
+            if wanted_state is not None and state != wanted_state:
+                continue
+            if brief:
+                result.append([record["id"], state])
                 continue
             result.append({
                 "id": record["id"],
@@ -709,6 +717,9 @@ class ShimDaemon:
 
     def _filtered(self, wanted: dict[str, Any]) -> list[dict[str, Any]]:
         records = [record for record in self.store.all() if record.get("phase") == PHASE_CREATED]
+        if wanted.get("ids") is not None:
+            ids = set(wanted["ids"])
+            records = [record for record in records if record["id"] in ids]
         if wanted.get("id"):
             records = [record for record in records if record["id"].startswith(wanted["id"])]
         if wanted.get("pod_sandbox_id"):
