@@ -12,7 +12,7 @@ export PYRIO_PYTHON ?= $(PYTHON)
 export PYRIO_SUPERVISOR_DIR ?= /run/pyrio/supervisor
 CNI_CONFIG_DIR ?= /etc/cni/net.d
 
-.PHONY: run test bench system-packages test-system-packages venv cni-default clean
+.PHONY: run test bench system-packages test-system-packages venv cni-default clean install uninstall test-node guest-image
 
 # apt-get runs only when a package is missing, so repeated runs stay fast.
 define apt_install
@@ -53,6 +53,22 @@ test: test-system-packages venv
 
 bench: test-system-packages venv
 	$(PYTHON) -m bench
+
+# A systemd node: the venv in $(PREFIX), config in $(SYSCONFDIR), pyrio.service (deploy/).
+PREFIX ?= /opt/pyrio
+SYSCONFDIR ?= /etc/pyrio
+install: system-packages
+	PREFIX=$(PREFIX) SYSCONFDIR=$(SYSCONFDIR) CNI_CONFIG_DIR=$(CNI_CONFIG_DIR) sh deploy/install.sh
+
+uninstall:
+	PREFIX=$(PREFIX) SYSCONFDIR=$(SYSCONFDIR) sh deploy/uninstall.sh
+
+# The node lane (docs/NODE.md): a guest with systemd as PID 1 on cgroup v2.
+guest-image: venv
+	$(PYTHON) -m tests.node.guest build
+
+test-node: test-system-packages venv
+	PYRIO_NODE_LANE=1 $(PYTHON) -m pytest tests/node $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV)

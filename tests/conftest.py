@@ -5,11 +5,16 @@ own modules, registered here."""
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import pytest
 
 from tests.harness import Stack
+
+# The node lane boots a guest: only `make test-node` (PYRIO_NODE_LANE=1) collects it.
+if not os.environ.get("PYRIO_NODE_LANE"):
+    collect_ignore = ["node"]
 
 pytest_plugins = [
     "tests.fixtures_images",

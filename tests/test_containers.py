@@ -421,6 +421,13 @@ def hybrid_host_laid_out_for_crun(mount_root: Path) -> Iterator[None]:
     try:
         yield
     finally:
+        # Cgroups left in the hierarchy (a pod's parent that crun made) keep
+        # it, and the controllers, from going back to cgroup2: remove them.
+        for leftover in sorted((path for path in mount_point.rglob("*") if path.is_dir()), key=lambda path: len(path.parts), reverse=True):
+            try:
+                leftover.rmdir()
+            except OSError:
+                pass
         subprocess.run(["umount", str(mount_point)], check=True, capture_output=True)
         mount_point.rmdir()
         # The kernel releases the hierarchy (and the controllers) a moment later.

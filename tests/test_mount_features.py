@@ -8,7 +8,7 @@ stack's temp root and unmounts every one of them, also when it fails.
 from __future__ import annotations
 
 import subprocess
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +21,7 @@ from common.runtime_features import handler_features
 from tests.fixtures_containers import Containers, wait_for_log
 from tests.fixtures_pods import pod_config
 from tests.harness import wait_until
+from tests.test_containers import hybrid_host_laid_out_for_crun
 
 
 def run_mount(*args: str) -> None:
@@ -144,10 +145,12 @@ def test_status_advertises_recursive_read_only_where_the_runtime_has_rro(contain
         assert handlers["runc"].recursive_read_only_mounts and handlers[""].recursive_read_only_mounts
 
 
-def test_a_submount_of_a_recursive_read_only_volume_is_read_only(containers: Containers) -> None:
-    if not runtime_handlers(containers)[""].recursive_read_only_mounts:
-        pytest.skip("the default runtime handler does not support recursive read-only mounts here")
-    with host_directory(containers, "rro") as volume:
+@pytest.mark.parametrize("handler", ["", "crun"])
+def test_a_submount_of_a_recursive_read_only_volume_is_read_only(containers: Containers, handler: str) -> None:
+    if not runtime_handlers(containers)[handler].recursive_read_only_mounts:
+        pytest.skip(f"runtime handler {handler or 'default'!r} does not support recursive read-only mounts here")
+    layout = hybrid_host_laid_out_for_crun(containers.stack.root) if handler == "crun" else nullcontext()
+    with layout, host_directory(containers, f"rro-{handler or 'default'}") as volume:
         (volume / "sub").mkdir(exist_ok=True)
         run_mount("-t", "tmpfs", "rro-sub", str(volume / "sub"))
         script = ("touch /vol/top 2>&1; touch /vol/sub/inner 2>&1; "
@@ -157,12 +160,14 @@ def test_a_submount_of_a_recursive_read_only_volume_is_read_only(containers: Con
                                            recursive_read_only=True))
         # Plain readonly is not recursive: the submount stays writable.
         config.mounts.append(api_pb2.Mount(container_path="/plain", host_path=str(volume), readonly=True))
-        container_id = containers.create(containers.pod(), config)
+        container_id = containers.create(containers.pod(runtime_handler=handler), config)
         containers.start(container_id)
         text = wait_for_log(containers, container_id, "plain-sub-writable")
         assert "/vol/top: Read-only file system" in text
         assert "/vol/sub/inner: Read-only file system" in text
         assert (volume / "sub" / "inner").exists() and not (volume / "top").exists()
+        containers.stop(container_id, 0)
+        containers.remove(container_id)
 
 
 @pytest.mark.parametrize("fields, needle", [

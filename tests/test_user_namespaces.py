@@ -15,6 +15,9 @@ import pytest
 from cri_api.v1 import api_pb2
 
 from tests.fixtures_containers import Containers, wait_for_log
+from tests.harness import Stack
+from tests.oci_images import PushedImage
+from tests.test_image_volumes import content_image, image_id  # noqa: F401 - content_image is a fixture
 from tests.test_containers import hybrid_host_laid_out_for_crun
 
 HOST_BASE, SIZE = 3 * 65536, 65536
@@ -47,6 +50,13 @@ def crun_supports_user_namespaces(containers: Containers) -> bool:
     return any(handler.name == "crun" and handler.features.user_namespaces for handler in status.runtime_handlers)
 
 
+@pytest.fixture(scope="module")
+def crun_host(stack: Stack) -> Iterator[None]:
+    """The host laid out for crun once for the module (each layout's undo waits for the kernel)."""
+    with hybrid_host_laid_out_for_crun(stack.root):
+        yield
+
+
 @pytest.fixture
 def volume_dir() -> Iterator[Path]:
     """A host volume on a traversable path (as the kubelet's pod volume dirs are)."""
@@ -65,53 +75,69 @@ def test_status_advertises_user_namespaces_only_for_idmapping_handlers(container
     assert features["crun"].user_namespaces == crun_supports_user_namespaces(containers)
 
 
-def test_a_pod_in_its_own_user_namespace(containers: Containers, volume_dir: Path) -> None:
+def test_a_pod_in_its_own_user_namespace(containers: Containers, volume_dir: Path, crun_host: None) -> None:
     if not crun_supports_user_namespaces(containers):
         pytest.skip("no runtime handler with idmapped mounts on this host")
     (volume_dir / "f").write_text("from the host\n")
     userns = user_namespace()
-    with hybrid_host_laid_out_for_crun(containers.stack.root):
-        pod = userns_pod(containers, userns)
-        options = containers.runtime.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod[0]),
-                                                      timeout=20).status.linux.namespaces.options
-        assert options.userns_options == userns
-        script = ("cat /proc/self/uid_map /proc/self/gid_map; id -u; stat -c 'busybox %u %g' /bin/busybox; "
-                  "stat -c 'vol %u %g' /vol/f; touch /vol/made-inside /made-in-rootfs && echo wrote; sleep 300")
-        config = userns_config(containers, "userns", ["sh", "-c", script], userns)
-        config.mounts.append(api_pb2.Mount(container_path="/vol", host_path=str(volume_dir)))
-        container_id = containers.create(pod, config)
-        containers.start(container_id)
-        text = wait_for_log(containers, container_id, "wrote")
-        lines = [line.split(":", 1)[1].split() for line in containers.log_contents(container_id)]
-        assert lines[:2] == [["0", str(HOST_BASE), str(SIZE)]] * 2  # uid_map and gid_map
-        assert lines[2] == ["0"]  # id -u
-        # The image's files are root's inside, the volume's host-root files too (idmapped mounts).
-        assert "busybox 0 0" in text and "vol 0 0" in text
-        pid = containers.info(container_id)["pid"]
-        # Outside, the container's root is the mapped host id, and so are the image's files through its root.
-        status = Path(f"/proc/{pid}/status").read_text()
-        assert f"Uid:\t{HOST_BASE}\t{HOST_BASE}" in status
-        assert os.stat(f"/proc/{pid}/root/bin/busybox").st_uid == HOST_BASE
-        # What the container's root writes into the volume is the host's root's.
-        assert os.stat(volume_dir / "made-inside").st_uid == 0
-        # The pod's network namespace belongs to its user namespace.
-        assert containers.exec(container_id, "cat", "/proc/self/uid_map").stdout.split() == [b"0", str(HOST_BASE).encode(), str(SIZE).encode()]
-        containers.stop(container_id)
-        containers.remove(container_id)
-        assert not (containers.stack.root / "run" / "userns" / container_id).exists()
+    pod = userns_pod(containers, userns)
+    options = containers.runtime.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod[0]),
+                                                  timeout=20).status.linux.namespaces.options
+    assert options.userns_options == userns
+    script = ("cat /proc/self/uid_map /proc/self/gid_map; id -u; stat -c 'busybox %u %g' /bin/busybox; "
+              "stat -c 'vol %u %g' /vol/f; touch /vol/made-inside /made-in-rootfs && echo wrote; sleep 300")
+    config = userns_config(containers, "userns", ["sh", "-c", script], userns)
+    config.mounts.append(api_pb2.Mount(container_path="/vol", host_path=str(volume_dir)))
+    container_id = containers.create(pod, config)
+    containers.start(container_id)
+    text = wait_for_log(containers, container_id, "wrote")
+    lines = [line.split(":", 1)[1].split() for line in containers.log_contents(container_id)]
+    assert lines[:2] == [["0", str(HOST_BASE), str(SIZE)]] * 2  # uid_map and gid_map
+    assert lines[2] == ["0"]  # id -u
+    # The image's files are root's inside, the volume's host-root files too (idmapped mounts).
+    assert "busybox 0 0" in text and "vol 0 0" in text
+    pid = containers.info(container_id)["pid"]
+    # Outside, the container's root is the mapped host id, and so are the image's files through its root.
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert f"Uid:\t{HOST_BASE}\t{HOST_BASE}" in status
+    assert os.stat(f"/proc/{pid}/root/bin/busybox").st_uid == HOST_BASE
+    # What the container's root writes into the volume is the host's root's.
+    assert os.stat(volume_dir / "made-inside").st_uid == 0
+    # The pod's network namespace belongs to its user namespace.
+    assert containers.exec(container_id, "cat", "/proc/self/uid_map").stdout.split() == [b"0", str(HOST_BASE).encode(), str(SIZE).encode()]
+    containers.stop(container_id)
+    containers.remove(container_id)
+    assert not (containers.stack.root / "run" / "userns" / container_id).exists()
 
 
-def test_user_namespace_mismatch_and_invalid_mappings(containers: Containers) -> None:
+def test_an_image_volume_in_a_user_namespaced_pod(containers: Containers, content_image: PushedImage, crun_host: None) -> None:  # noqa: F811
     if not crun_supports_user_namespaces(containers):
         pytest.skip("no runtime handler with idmapped mounts on this host")
-    with hybrid_host_laid_out_for_crun(containers.stack.root):
-        userns = user_namespace(host_id=4 * 65536)
-        pod = userns_pod(containers, userns)
-        for name, given in (("other-mapping", user_namespace(host_id=5 * 65536)), ("node-userns", None)):
-            with pytest.raises(grpc.RpcError) as caught:
-                containers.create(pod, userns_config(containers, name, ["true"], given))
-            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
-            assert "userns_options" in caught.value.details()
+    volume_image = image_id(containers, content_image.reference)
+    userns = user_namespace(host_id=6 * 65536)
+    pod = userns_pod(containers, userns)
+    script = "stat -c 'owner %u %g' /img/data/hello.txt; cat /img/data/hello.txt; touch /img/x 2>&1; echo done; sleep 300"
+    config = userns_config(containers, "imgvol", ["sh", "-c", script], userns)
+    config.mounts.append(api_pb2.Mount(container_path="/img", image=api_pb2.ImageSpec(image=volume_image)))
+    container_id = containers.create(pod, config)
+    containers.start(container_id)
+    text = wait_for_log(containers, container_id, "done")
+    # imaged idmapped the volume's layers too: the image's files are root's inside.
+    assert "owner 0 0" in text and "hello from the image" in text and "Read-only file system" in text
+    containers.stop(container_id)
+    containers.remove(container_id)
+
+
+def test_user_namespace_mismatch_and_invalid_mappings(containers: Containers, crun_host: None) -> None:
+    if not crun_supports_user_namespaces(containers):
+        pytest.skip("no runtime handler with idmapped mounts on this host")
+    userns = user_namespace(host_id=4 * 65536)
+    pod = userns_pod(containers, userns)
+    for name, given in (("other-mapping", user_namespace(host_id=5 * 65536)), ("node-userns", None)):
+        with pytest.raises(grpc.RpcError) as caught:
+            containers.create(pod, userns_config(containers, name, ["true"], given))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert "userns_options" in caught.value.details()
     for bad, needle in ((user_namespace(length=0), "positive length"), (user_namespace(container_id=1), "container_id 0"),
                         (api_pb2.UserNamespace(mode=api_pb2.POD), "needs uids")):
         with pytest.raises(grpc.RpcError) as caught:

@@ -49,16 +49,21 @@ class RootfsManager:
         for key in ("upper", "work", "merged", "empty"):
             paths[key].mkdir(mode=0o755, exist_ok=True)
         merged = str(paths["merged"])
+        userns_path = record.get("idmap_userns") or ""
         if not mounts.is_mount_point(merged):
-            if record.get("idmap_userns"):
-                self._idmapped_overlay(merged, record["layers"], paths, record["idmap_userns"],
+            if userns_path:
+                self._idmapped_overlay(merged, record["layers"], paths, userns_path, "l",
                                        tuple(record.get("idmap_root") or (0, 0)))
             else:
                 self._overlay(merged, record["layers"], paths, writable=True)
         for index, volume in enumerate(record.get("image_volumes") or []):
             target = self.volume_path(record["container_id"], index)
             target.mkdir(mode=0o755, parents=True, exist_ok=True)
-            if not mounts.is_mount_point(str(target)):
+            if mounts.is_mount_point(str(target)):
+                continue
+            if userns_path:
+                self._idmapped_overlay(str(target), volume["layers"], paths, userns_path, f"v{index}-l")
+            else:
                 self._overlay(str(target), volume["layers"], paths, writable=False)
         return merged
 
@@ -67,25 +72,31 @@ class RootfsManager:
         return self.paths(container_id)["base"] / "volumes" / str(index)
 
     def _idmapped_overlay(self, target: str, layer_ids: list[str], paths: dict[str, Path], userns_path: str,
-                          root_ids: tuple[int, int]) -> None:
-        """The container's overlay for a user-namespaced pod, as containerd's
-        remapped snapshots: its layers are idmapped mounts (overlayfs itself
-        cannot be idmapped; its layers can), so the image's root-owned files
-        are the pod's root's, with nothing chowned; its upper dir is the pod
-        root's (host ids `root_ids`), and copy-ups keep the mapped owners."""
+                          prefix: str, root_ids: tuple[int, int] | None = None) -> None:
+        """An overlay for a user-namespaced pod, as containerd's remapped
+        snapshots: its layers are idmapped mounts (overlayfs itself cannot be
+        idmapped; its layers can), so the image's root-owned files are the
+        pod's root's, with nothing chowned. With `root_ids` (the container's
+        rootfs) its upper dir is the pod root's (host ids) and copy-ups keep
+        the mapped owners; without, it is read-only (an image volume)."""
         idmapped = paths["base"] / "idmapped"
         idmapped.mkdir(mode=0o700, exist_ok=True)
         lower = []
         for index, diff_id in enumerate(reversed(layer_ids)):
-            layer = idmapped / f"l{index}"
+            layer = idmapped / f"{prefix}{index}"
             layer.mkdir(mode=0o755, exist_ok=True)
             if not mounts.is_mount_point(str(layer)):
                 idmapped_bind(str(self.store.layer_diff(diff_id)), str(layer), userns_path)
             lower.append(layer)
-        os.chown(paths["upper"], *root_ids)
-        relative = [str(path.relative_to(self.store.root)) for path in lower or [paths["empty"]]]
         base = paths["base"].relative_to(self.store.root)
-        options = f"lowerdir={':'.join(relative)},upperdir={base}/upper,workdir={base}/work"
+        if root_ids is not None:
+            os.chown(paths["upper"], *root_ids)
+            relative = [str(path.relative_to(self.store.root)) for path in lower or [paths["empty"]]]
+            options = f"lowerdir={':'.join(relative)},upperdir={base}/upper,workdir={base}/work"
+        else:
+            # Without an upper dir overlayfs wants two lower dirs: the empty one is the second.
+            relative = [str(path.relative_to(self.store.root)) for path in [*lower, paths["empty"]]]
+            options = f"ro,lowerdir={':'.join(relative)}"
         if len(options) > MAX_MOUNT_DATA:
             raise OSError(f"image has too many layers ({len(layer_ids)}) for one overlay mount")
         result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, target],
