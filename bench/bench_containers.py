@@ -25,6 +25,7 @@ from typing import Any
 
 from cri_api.v1 import api_pb2
 
+from bench.proc_stats import children_of, pss_kib, rollup_kib
 from bench.timing import p95, timed
 from tests.fixtures_images import start_registry
 from tests.fixtures_pods import pod_config
@@ -54,26 +55,6 @@ def start_sleeping_pod(runtime: Any, image: str, log_directory: str, command: li
     ).container_id
     runtime.StartContainer(api_pb2.StartContainerRequest(container_id=container_id), timeout=60)
     return sandbox_id, container_id
-
-
-def rollup_kib(pid: int, field: str = "Pss") -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as handle:
-        for line in handle:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    return 0
-
-
-def pss_kib(pid: int) -> int:
-    return rollup_kib(pid, "Pss")
-
-
-def children_of(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            return [int(item) for item in handle.read().split()]
-    except OSError:
-        return []
 
 
 def run() -> dict[str, float | str]:
@@ -113,11 +94,15 @@ def run() -> dict[str, float | str]:
         ]
 
         time.sleep(2)  # let the shims settle into their idle loop
-        shim_pids = []
+        shim_pids, keeper_pids = [], []
         for _, (_, container_id) in concurrent:
             status = runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=container_id, verbose=True), timeout=20)
-            shim_pids.append(json.loads(status.info["info"])["shim_pid"])
+            info = json.loads(status.info["info"])
+            shim_pids.append(info["shim_pid"])
+            keeper_pids.append(info.get("keeper_pid", 0))
         shim_pss = [pss_kib(pid) for pid in shim_pids]
+        # Each container's keeper (services/shimd/keeper.py), beside its shim.
+        keeper_pss = [pss_kib(pid) for pid in keeper_pids if pid]
         shim_private = [rollup_kib(pid, "Private_Dirty") for pid in shim_pids]
         shim_rss = [rollup_kib(pid, "Rss") for pid in shim_pids]
 
@@ -150,6 +135,7 @@ def run() -> dict[str, float | str]:
             f"exec_sync_p95_ms ({EXEC_CALLS} calls)": round(p95(exec_times), 1),
             f"shim_pss_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_pss), 1),
             f"shim_pss_max_kib ({CONCURRENT_PODS} containers)": max(shim_pss),
+            f"keeper_pss_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(keeper_pss or [0]), 1),
             f"shim_private_dirty_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_private), 1),
             f"shim_rss_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_rss), 1),
             "chatty_container_log_mb_per_s (20 MB of 28-byte lines, pod start included)": round(CHATTY_OUTPUT_BYTES / 1e6 / chatty_seconds, 1),

@@ -35,7 +35,6 @@ from typing import Any, Callable
 
 import msgpack
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from common import state
 from common.errors import (
@@ -46,14 +45,26 @@ from common.errors import (
     Unimplemented,
     error_from_wire,
 )
+from common.heap import IdleTrim
 
 log = logging.getLogger("pyrio.rpc")
 
 # How long a call waits for a connection to a server that is not connected
 # (first use, or the server is restarting) before answering Unavailable.
 CONNECT_GRACE_SECONDS = 1.0
+# A server that went away in the middle of an idempotent call is most likely
+# being restarted by supervisord; on a busy node that takes seconds, and the
+# caller is better served by the answer than by an early Unavailable.
+RESEND_GRACE_SECONDS = 10.0
 
 _CONNECTED_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
+
+
+def _monitor_event(frames: list[bytes]) -> int:
+    """The event number of a ZeroMQ monitor message (first frame: u16 event,
+    u32 value). Parsed here because zmq.utils.monitor imports asyncio and ssl,
+    about 5 MiB in every daemon."""
+    return int.from_bytes(frames[0][:2], "little")
 
 
 def pack(value: Any) -> bytes:
@@ -95,6 +106,8 @@ class RpcServer:
         self._stop = threading.Event()
         self._router: zmq.Socket | None = None
         self._replies: zmq.Socket | None = None
+        self._idle_trim = IdleTrim()
+        self._in_flight = 0  # requests handed to the pool and not answered yet (I/O thread only)
         self.counts = CallCounts()
 
     def register(self, method: str, handler: Handler) -> None:
@@ -127,13 +140,20 @@ class RpcServer:
         poller.register(self._replies, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                for sock, _ in poller.poll(200):
+                ready = poller.poll(200)
+                if not ready:
+                    self._idle_trim.maybe_trim(busy=self._in_flight > 0)
+                    continue
+                self._idle_trim.note_activity()
+                for sock, _ in ready:
                     if sock is self._router:
                         frames = self._router.recv_multipart(zmq.NOBLOCK)
                         if len(frames) == 2:
+                            self._in_flight += 1
                             self._pool.submit(self._handle, frames[0], frames[1])
                     else:
                         frames = self._replies.recv_multipart(zmq.NOBLOCK)
+                        self._in_flight = max(0, self._in_flight - 1)
                         try:
                             self._router.send_multipart(frames, zmq.NOBLOCK)
                         except zmq.ZMQError:
@@ -244,7 +264,7 @@ class _ClientSocket:
         disconnected = False
         while self.monitor.poll(timeout_ms):
             timeout_ms = 0
-            event = recv_monitor_message(self.monitor)["event"]
+            event = _monitor_event(self.monitor.recv_multipart())
             if event == _CONNECTED_EVENT:
                 self.connected = True
             elif event == zmq.EVENT_DISCONNECTED:
@@ -373,8 +393,7 @@ class RpcClient:
                 return outcome
             if not idempotent:
                 raise Unavailable(f"{self.service} went away while handling {method}")
-            # The restarted server gets a fresh grace period to come back.
-            grace_end = min(deadline, time.time() + CONNECT_GRACE_SECONDS)
+            grace_end = min(deadline, time.time() + RESEND_GRACE_SECONDS)
             log.info("%s went away during idempotent %s; sending it again", self.service, method)
 
     def _await_reply(self, sock: _ClientSocket, request_id: str, deadline: float) -> Any:

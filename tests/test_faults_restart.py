@@ -104,15 +104,16 @@ def test_shim_killed_on_its_own_never_leaves_the_container_running_forever(
         os.kill(info["shim_pid"], signals.SIGKILL)
     wait_until(lambda: not _alive(ending_info["shim_pid"]) and not _alive(chatty_info["shim_pid"]), 10, what="shims gone")
 
-    # Both inits live on without their shim: RUNNING is the truth.
+    # Both inits live on without their shim (their keepers hold them, and a
+    # new shim takes them over: test_shim_adoption.py): RUNNING is the truth.
     assert patient.status(ending).state == CONTAINER_RUNNING
     assert patient.status(chatty).state == CONTAINER_RUNNING
 
-    # The container's init exits with nobody to record its code: it is
-    # reported EXITED, with a reason and a message saying why the code is lost.
+    # The container's init exits after its shim died: its keeper reaped it,
+    # so its own exit code is reported.
     Path(ending_info["runtime_spec"]["root"]["path"], "tmp", "finish").write_text("")
     status = containers.wait_exited(ending, timeout=20)
-    assert status.reason and status.message and status.finished_at >= status.started_at
+    assert (status.exit_code, status.reason) == (3, "Error") and status.finished_at >= status.started_at
     assert not _alive(ending_info["pid"])
 
     # StopContainer still ends a container whose shim is gone.

@@ -113,3 +113,23 @@ def test_pyrio_status_shows_uptime_restarts_in_flight_and_recent_errors(stack: S
     errors = {service: int(dict(p.split("=", 1) for p in lines[service].split() if "=" in p)["errors_1m"])
               for service in ("crigw", "shimd")}
     assert errors["crigw"] >= 1 and errors["shimd"] >= 1  # the NOT_FOUND above, seen by both
+
+
+def test_metrics_over_tls_when_a_certificate_is_configured(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "metrics.crt", tmp_path / "metrics.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    stack = Stack({"metrics": {"tls_cert_file": str(cert), "tls_key_file": str(key)}})
+    try:
+        stack.start()
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        with urllib.request.urlopen(f"https://127.0.0.1:{stack.metrics_port}/metrics", timeout=10, context=context) as reply:
+            assert b"pyrio_service_up" in reply.read()
+        with pytest.raises(OSError):  # no plain HTTP on that port
+            urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10).read()
+    finally:
+        stack.stop()

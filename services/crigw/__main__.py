@@ -12,6 +12,7 @@ import signal
 import threading
 
 from common.daemon import exit_now, start_process
+from common.heap import IdleTrim
 from services.crigw.gateway import Gateway
 from services.crigw.metrics import start_metrics_server
 from services.crigw.server import IN_FLIGHT, build_server
@@ -33,7 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     log.info("serving CRI", extra={"socket": config.pyrio.socket, "streaming": streaming.base_url, "config": config.source})
-    stopping.wait()
+    trim, calls_seen = IdleTrim(), 0
+    while not stopping.wait(0.5):
+        if IN_FLIGHT.started_total != calls_seen:
+            calls_seen = IN_FLIGHT.started_total
+            trim.note_activity()
+        trim.maybe_trim(busy=IN_FLIGHT.busy)
     streaming.stop()
     # Not server.stop(grace): it answers the calls still running after the
     # grace with CANCELLED. Exiting with them open drops the connection, and

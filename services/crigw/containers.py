@@ -18,6 +18,7 @@ from common.exec_limits import MAX_EXEC_TIMEOUT_SECONDS, MAX_STOP_TIMEOUT_SECOND
 from services.crigw.convert import dict_to_message, message_to_dict
 from services.crigw.gateway import Gateway
 from services.crigw.handlers import cri_handler
+from services.crigw.list_cache import ListCache
 
 # A create mounts the rootfs and waits for `runc create` (runtime.create_timeout).
 CREATE_MARGIN_SECONDS = 60.0
@@ -93,11 +94,23 @@ def container_filter(request: Any) -> dict[str, Any]:
     return filter_
 
 
+def _encode_container(item: dict[str, Any], state: int) -> bytes:
+    return dict_to_message({**item, "state": state}, api_pb2.Container).SerializeToString()
+
+
+CONTAINER_LIST_CACHE = ListCache(_encode_container)
+
+
 @cri_handler("ListContainers")
-def list_containers(gateway: Gateway, request: api_pb2.ListContainersRequest) -> api_pb2.ListContainersResponse:
+def list_containers(gateway: Gateway, request: api_pb2.ListContainersRequest) -> bytes:
+    """The serialized ListContainersResponse (see services/crigw/list_cache.py)."""
     filter_ = container_filter(request)
-    items = gateway.shimd.call("container.list", {"filter": filter_}, idempotent=True)
-    return api_pb2.ListContainersResponse(containers=[dict_to_message(item, api_pb2.Container) for item in items])
+    brief = gateway.shimd.call("container.list", {"filter": filter_, "brief": True}, idempotent=True)
+    return CONTAINER_LIST_CACHE.response_bytes(
+        brief,
+        lambda ids: gateway.shimd.call("container.list", {"filter": {"ids": ids}}, idempotent=True),
+        complete=not any(filter_.values()),
+    )
 
 
 @cri_handler("ContainerStatus")

@@ -141,6 +141,10 @@ class EventHub:
             subscription.end(error)
 
     @property
+    def stream_count(self) -> int:
+        return len(self._subscriptions)
+
+    @property
     def has_subscribers(self) -> bool:
         return bool(self._subscriptions)
 
@@ -256,6 +260,12 @@ def remember_sandbox(gateway: Gateway, status: api_pb2.PodSandboxStatus) -> None
     hub = hub_for(gateway, start=False)
     if hub is not None:
         hub.remember_sandbox(status)
+
+
+def open_streams(gateway: Gateway) -> int:
+    """GetContainerEvents streams open now (they count as CRI calls in flight)."""
+    hub = hub_for(gateway, start=False)
+    return 0 if hub is None else hub.stream_count
 
 
 def wants_sandbox_events(gateway: Gateway) -> bool:

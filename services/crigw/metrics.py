@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from common.config import SERVICES
 from common.daemon import service_starts
 from common.errors import PyrioError
+from services.crigw.events import open_streams
 from services.crigw.gateway import Gateway
 from services.crigw.handlers import HANDLERS
 from services.crigw.status import CALL_OBSERVERS
@@ -155,7 +156,8 @@ class ServiceCollector(Collector):
             if service == "crigw":
                 up.add_metric([service], 1)
                 uptime.add_metric([service], now - self.started_at)
-                in_flight.add_metric([service], max(0, self.in_flight.count - 1))  # not this scrape
+                # Not the event streams: they stay open for good.
+                in_flight.add_metric([service], max(0, self.in_flight.count - open_streams(self.gateway)))
                 recent.add_metric([service], CRI_ERRORS.count())
                 continue
             answer = answers.get(service)

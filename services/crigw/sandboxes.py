@@ -19,6 +19,7 @@ from services.crigw import events
 from services.crigw.convert import dict_to_message, message_to_dict
 from services.crigw.gateway import Gateway
 from services.crigw.handlers import cri_handler
+from services.crigw.list_cache import ListCache
 
 # CNI plugins may take a while (the kubelet allows RunPodSandbox minutes).
 RUN_TIMEOUT_SECONDS = 240.0
@@ -139,17 +140,27 @@ def pod_sandbox_status(
     return response
 
 
+def _encode_sandbox(record: dict[str, Any], state: str) -> bytes:
+    return dict_to_message(_sandbox_dict({**record, "state": state}), api_pb2.PodSandbox).SerializeToString()
+
+
+SANDBOX_LIST_CACHE = ListCache(_encode_sandbox)
+
+
 @cri_handler("ListPodSandbox")
-def list_pod_sandbox(gateway: Gateway, request: api_pb2.ListPodSandboxRequest) -> api_pb2.ListPodSandboxResponse:
+def list_pod_sandbox(gateway: Gateway, request: api_pb2.ListPodSandboxRequest) -> bytes:
+    """The serialized ListPodSandboxResponse (see services/crigw/list_cache.py)."""
     filter_: dict[str, Any] = {}
     if request.HasField("filter"):
         filter_["id"] = request.filter.id
         if request.filter.HasField("state"):
             filter_["state"] = STATE_BY_ENUM.get(request.filter.state.state, "?")
         filter_["label_selector"] = dict(request.filter.label_selector)
-    records = gateway.netd.call("sandbox.list", {"filter": filter_}, idempotent=True)
-    return api_pb2.ListPodSandboxResponse(
-        items=[dict_to_message(_sandbox_dict(record), api_pb2.PodSandbox) for record in records]
+    brief = gateway.netd.call("sandbox.list", {"filter": filter_, "brief": True}, idempotent=True)
+    return SANDBOX_LIST_CACHE.response_bytes(
+        brief,
+        lambda ids: gateway.netd.call("sandbox.list", {"filter": {"ids": ids}}, idempotent=True),
+        complete=not any(filter_.values()),
     )
 
 

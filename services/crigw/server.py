@@ -59,11 +59,17 @@ class InFlightCalls:
 
     def __init__(self) -> None:
         self._count = 0
+        self.started_total = 0  # calls ever started: tells an idle gateway there was activity
         self._idle = threading.Condition()
+
+    @property
+    def busy(self) -> bool:
+        return self._count > 0
 
     def __enter__(self) -> None:
         with self._idle:
             self._count += 1
+            self.started_total += 1
 
     def __exit__(self, *_exc: Any) -> None:
         with self._idle:
@@ -98,7 +104,11 @@ def _method_handler(gateway: Gateway, method: Any) -> grpc.RpcMethodHandler:
         with IN_FLIGHT:
             return serve_cri_call(name, checked, request, context)
 
-    kwargs = dict(request_deserializer=request_class.FromString, response_serializer=response_class.SerializeToString)
+    def serialize(response: Any) -> bytes:
+        # A handler may answer the response already serialized (list_cache.py).
+        return response if isinstance(response, bytes) else response_class.SerializeToString(response)
+
+    kwargs = dict(request_deserializer=request_class.FromString, response_serializer=serialize)
     if method.server_streaming:
         def stream(request: Any, context: grpc.ServicerContext) -> Any:
             with IN_FLIGHT:

@@ -6,6 +6,13 @@ Two pulls of the same reference (with the same credentials) share one run;
 two pulls of different images that share a layer fetch it once (a per-layer
 lock). Layer blobs are streamed to a temp file, verified, unpacked into a
 temp dir whose diff id is verified, then renamed into place.
+
+What a pull may cost is bounded: descriptors must declare sizes within
+image.max_layer_size, layers expand to no more than it, the store keeps
+image.free_space_reserve free (space.py); downloads share slots fairly
+between registries, fail below image.min_download_rate (transfer.py), and
+stop once no caller of their run waits any more (its deadline passed, or
+crigw reported its call cancelled: `abandon`).
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ class PullRun:
         with self._lock:
             if any(deadline > time.time() for deadline in self._deadlines.values()):
                 return ""
-        return "no caller waits for this pull any more (every caller's deadline has passed)"
+        return "no caller waits for this pull any more (each one's deadline passed or it cancelled its call)"
 
 
 class Puller:

@@ -319,11 +319,24 @@ class SandboxManager:
         return _current(self.store.get(self.store.resolve(given_id)))
 
     def list(self, filter_: dict[str, Any]) -> list[dict[str, Any]]:
+        if filter_.get("ids") is not None:
+            filter_ = {**filter_, "ids": set(filter_["ids"])}
         return [
             record
             for record in map(_current, self.store.all())
             if record["state"] != CREATING and matches_filter(record, filter_)
         ]
+
+    def brief(self, filter_: dict[str, Any]) -> list[list[str]]:
+        """[id, state] of each listed sandbox matching the filter, oldest first."""
+        brief = []
+        for record in self.store.listed():
+            state = _current_state(record)
+            if filter_.get("state") and state != filter_["state"]:
+                continue
+            if matches_filter(record, {**filter_, "state": None}):
+                brief.append([record["id"], state])
+        return brief
 
     def check(self, given_id: str) -> None:
         sandbox_id = self.store.resolve(given_id)
@@ -336,19 +349,26 @@ def holder_cgroup_name(sandbox_id: str) -> str:
     return f"pyrio-pod-{sandbox_id}"
 
 
-def _current(record: dict[str, Any]) -> dict[str, Any]:
-    """The record as it stands now: a ready pod whose network namespace pin
+def _current_state(record: dict[str, Any]) -> str:
+    """The state as it stands now: a ready pod whose network namespace pin
     vanished (the run dir was wiped under a running netd), or whose PID 1 is
     gone (killed from the node: nothing in the pod can), is not ready."""
     if record["state"] != READY:
-        return record
+        return record["state"]
     if record["namespaces"]["network"] and not os.path.exists(record["namespaces"]["network"]):
-        record["state"] = NOTREADY
-    elif record["namespace_options"]["pid"] == "POD" and not namespaces.is_pid_holder(
+        return NOTREADY
+    if record["namespace_options"]["pid"] == "POD" and not namespaces.is_pid_holder(
         int(record.get("pid_holder") or 0), record["id"]
     ):
-        record["state"] = NOTREADY
+        return NOTREADY
+    return READY
+
+
+def _current(record: dict[str, Any]) -> dict[str, Any]:
+    state = _current_state(record)
+    if state != record["state"] and record["namespace_options"]["pid"] == "POD":
         namespaces.reap(int(record.get("pid_holder") or 0))
+    record["state"] = state
     return record
 
 

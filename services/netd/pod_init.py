@@ -11,27 +11,21 @@ The program (x86-64 machine code, no libc) makes three system calls:
     rt_sigaction(SIGCHLD, {SIG_IGN}, NULL, 8)   the kernel reaps every child
     chdir("/")                                  pins no directory of the host
     for (;;) pause();
-A static binary of a C pause (or catatonit, which also exits on SIGTERM in
-its pause mode) maps 0.7-1.3 MiB of file pages; this one maps a page.
-
-It runs from a sealed memfd, so nothing of the host shows in the pod:
-/proc/1/cmdline is "pause", /proc/1/exe "/memfd:pod-init (deleted)", and no
-file under the run dir (which may be mounted noexec) is needed. netd finds
+(catatonit, in its pause mode, exits on SIGTERM even from inside the pod.)
+It runs from a sealed memfd (common/tiny_elf.py), so nothing of the host
+shows in the pod: /proc/1/cmdline is "pause", /proc/1/exe
+"/memfd:pod-init (deleted)". netd finds
 its holders again by their environment (POD_HOLDER_ENV = sandbox id).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import platform
 import struct
 
-from common.errors import FailedPrecondition
+from common.tiny_elf import build_elf, memfd_executable
 
 POD_HOLDER_ENV = "PYRIO_POD_SANDBOX"
-LOAD_ADDRESS = 0x400000
-_HEADERS = 64 + 56  # the ELF header and one program header
 # The code, then the `struct sigaction` it passes (at CODE + 56) and "/" (at CODE + 88).
 _CODE = bytes.fromhex(
     "b80d000000"  # mov eax, 13 (rt_sigaction)
@@ -54,30 +48,17 @@ _ROOT = b"/\0"
 
 def program() -> bytes:
     """The whole ELF executable."""
-    body = _CODE + _SIGACTION + _ROOT
-    size = _HEADERS + len(body)
-    elf_header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + struct.pack(
-        "<HHIQQQIHHHHHH", 2, 0x3E, 1, LOAD_ADDRESS + _HEADERS, 64, 0, 0, 64, 56, 1, 0, 0, 0
-    )
-    program_header = struct.pack("<IIQQQQQQ", 1, 4 | 1, 0, LOAD_ADDRESS, LOAD_ADDRESS, size, size, 0x1000)
-    return elf_header + program_header + body
+    return build_elf(_CODE + _SIGACTION + _ROOT)
 
 
 _memfd = -1
 
 
 def _executable_fd() -> int:
-    """A sealed memfd holding the program, made once per netd process."""
+    """The program's memfd, made once per netd process."""
     global _memfd
     if _memfd < 0:
-        if platform.machine() not in ("x86_64", "AMD64"):
-            raise FailedPrecondition(
-                f"shared PID namespaces need pyrio's pod init, built for x86-64 only (this node is {platform.machine()})"
-            )
-        fd = os.memfd_create("pod-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.write(fd, program())
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-        _memfd = fd
+        _memfd = memfd_executable("pod-init", program())
     return _memfd
 
 

@@ -11,6 +11,11 @@ States:
   notready  stopped (or a failed run whose clean-up failed): the kubelet
             removes it.
 The record exists, and reserves its metadata name, until RemovePodSandbox.
+
+Relisting (the kubelet asks every second) reads `brief()`: (id, state) pairs
+from an in-memory index kept in step with every write, with no copy of any
+record. A listed sandbox's other listed fields (metadata, labels, annotations,
+created_at, runtime_handler) never change, so a caller may cache them by id.
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ def name_key(metadata: dict[str, Any]) -> str:
 
 
 def matches_filter(record: dict[str, Any], filter_: dict[str, Any]) -> bool:
-    """The ListPodSandbox filter: id prefix, state, label selector (all must hold)."""
+    """The ListPodSandbox filter: id prefix, state, label selector (all must hold);
+    `ids` (a list of full ids) is netd's own, for fetching records a caller lacks."""
     if filter_.get("id") and not record["id"].startswith(filter_["id"]):
+        return False
+    if filter_.get("ids") is not None and record["id"] not in filter_["ids"]:
         return False
     if filter_.get("state") and record["state"] != filter_["state"]:
         return False
@@ -116,6 +124,14 @@ class SandboxStore:
         with self._lock:
             records = [copy.deepcopy(record) for record in self._records.values()]
         yield from sorted(records, key=lambda record: record["created_at"])
+
+    def listed(self) -> list[dict[str, Any]]:
+        """The records as they are held (never to be modified by the caller), oldest
+        first, without those still being created: for cheap filtering."""
+        with self._lock:
+            records = [record for record in self._records.values() if record["state"] != CREATING]
+        records.sort(key=lambda record: record["created_at"])
+        return records
 
     def operation_lock(self, sandbox_id: str) -> threading.Lock:
         """Serializes run/stop/remove of one sandbox."""

@@ -58,7 +58,9 @@ class NetDaemon:
     def status(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
         return self.sandboxes.status(_sandbox_id(params))
 
-    def list(self, params: dict[str, Any], call: CallContext) -> list[dict[str, Any]]:
+    def list(self, params: dict[str, Any], call: CallContext) -> list[Any]:
+        if params.get("brief"):
+            return self.sandboxes.brief(params.get("filter") or {})
         return self.sandboxes.list(params.get("filter") or {})
 
     def check(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from common.config import Config
 from common.errors import NotFound, PyrioError
 from common.ids import resolve_id
 from common.state import atomic_write_json, read_json, remove_stale_temp_files
+from services.shimd.liveness import InitWatch
+from services.shimd.shim_io import keeper_exit_status
 from services.shimd.request_files import read_regular_file
 
 CREATED, RUNNING, EXITED, UNKNOWN = 0, 1, 2, 3  # CRI ContainerState
@@ -75,6 +77,7 @@ class ContainerStore:
         self._records: dict[str, dict[str, Any]] = {}
         self._lock = threading.RLock()
         self._id_locks: dict[str, threading.RLock] = {}
+        self.inits = InitWatch()
         for directory in self.root.iterdir():
             if not directory.is_dir():
                 continue
@@ -98,6 +101,10 @@ class ContainerStore:
 
     def exit_file(self, container_id: str) -> Path:
         return self.directory(container_id) / "exit.json"
+
+    def reaped_file(self, container_id: str) -> Path:
+        """The keeper's records of the processes it reaped (services/shimd/keeper.py)."""
+        return self.directory(container_id) / "reaped"
 
     def control_socket(self, container_id: str) -> str:
         return str(self.sockets / f"{container_id[:20]}.ctl")
@@ -146,6 +153,7 @@ class ContainerStore:
         with self._lock:
             self._records.pop(container_id, None)
             self._id_locks.pop(container_id, None)
+        self.inits.forget(container_id)
         for path in (self.control_socket(container_id), self.attach_socket(container_id)):
             try:
                 os.unlink(path)
@@ -168,19 +176,55 @@ class ContainerStore:
         pid = int(record.get("pid") or 0)
         return bool(pid) and process_start_time(pid) == record.get("pid_start_time")
 
+    def keeper_alive(self, record: dict[str, Any]) -> bool:
+        pid = int(record.get("keeper_pid") or 0)
+        return bool(pid) and process_start_time(pid) == record.get("keeper_start_time")
+
+    def keeper_exit(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """The init's exit as its keeper recorded it (written down as the exit
+        file), when the shim died before it could write that itself."""
+        status = keeper_exit_status(str(self.reaped_file(record["id"])), int(record.get("pid") or 0))
+        if status is None:
+            return None
+        exit_code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        exit_record = {"exit_code": exit_code, "exited_at": time.time_ns(), "oom_killed": False,
+                       "pid": record.get("pid", 0)}
+        atomic_write_json(self.exit_file(record["id"]), exit_record)
+        return exit_record
+
     def shim_alive(self, record: dict[str, Any]) -> bool:
         pid = int(record.get("shim_pid") or 0)
-        return bool(pid) and process_start_time(pid) != 0 and os.path.exists(self.control_socket(record["id"]))
+        started = process_start_time(pid) if pid else 0
+        # A reused pid is no shim (records before shim_start_time compare nothing).
+        return bool(started) and started == record.get("shim_start_time", started) and os.path.exists(self.control_socket(record["id"]))
 
-    def state(self, record: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-        """(CRI state, exit record) derived from the files and the live processes."""
+    def state(self, record: dict[str, Any], alive_ids: set[str] | None = None) -> tuple[int, dict[str, Any] | None]:
+        """(CRI state, exit record) derived from the files and the live processes.
+
+        `alive_ids` is `self.inits.alive_ids()` taken once for a whole listing."""
         if record.get("phase") == PHASE_CREATING:
             return UNKNOWN, None
-        exit_record = self.read_exit(record["id"])
+        container_id = record["id"]
+        # An init and its shim held by pidfds, neither exited: no exit file can exist yet.
+        if container_id in alive_ids if alive_ids is not None else self.inits.alive(container_id):
+            return (RUNNING if record.get("started_at") else CREATED), None
+        exit_record = self.inits.exit_record(container_id) or self.read_exit(container_id)
+        if exit_record is not None:
+            self.inits.remember_exit(container_id, exit_record)
+            return EXITED, exit_record
+        if self.shim_alive(record) or (self.init_alive(record) and self.keeper_alive(record)):
+            # Without a shim the keeper still holds the container's output and
+            # will record its exit; a new shim is on its way (adoption.py).
+            if self.init_alive(record) and self.shim_alive(record):
+                self.inits.watch(container_id, [int(record["pid"]), int(record["shim_pid"])],
+                                 lambda: self.init_alive(record) and self.shim_alive(record))
+            return (RUNNING if record.get("started_at") else CREATED), None
+        if self.init_alive(record):
+            return UNKNOWN, None  # nobody supervises it: its exit could not be known
+        rebooted = bool(record.get("boot_id")) and record["boot_id"] != current_boot_id()
+        exit_record = None if rebooted else self.keeper_exit(record)
         if exit_record is not None:
             return EXITED, exit_record
-        if self.shim_alive(record) or self.init_alive(record):
-            return (RUNNING if record.get("started_at") else CREATED), None
         # Both gone and no exit file: the shim was killed, then the container
         # ended. Re-read first: the shim may have written it just now.
         exit_record = self.read_exit(record["id"])
@@ -190,6 +234,7 @@ class ContainerStore:
             else:
                 reason = "the shim exited before recording the container's exit"
             exit_record = self.record_lost_exit(record, reason)
+        self.inits.remember_exit(container_id, exit_record)
         return EXITED, exit_record
 
     def termination_message(self, record: dict[str, Any]) -> str:

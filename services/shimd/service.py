@@ -53,6 +53,7 @@ from services.shimd.records import (
     process_start_time,
 )
 from services.shimd import spec_userns, userns_staging
+from services.shimd.adoption import ShimAdoption
 from services.shimd.shim_client import shim_request, spawn_shim, start_zygote
 
 log = logging.getLogger("pyrio.shimd")
@@ -139,6 +140,8 @@ class ShimDaemon:
         self.events = ContainerEvents(config, self._sandbox_of, self._exited_ids, self.store.exit_file)
         self._recovery = threading.Thread(target=self._finish_interrupted, name="shimd-recover", daemon=True)
         self._recovery.start()
+        self.adoption = ShimAdoption(self.store)
+        self.adoption.start()
 
     # --- service ----------------------------------------------------------
 
@@ -406,6 +409,7 @@ class ShimDaemon:
             "shim_log": str(container_dir / "shim.log"),
             "log_path": record["log_path"],
             "exit_file": str(self.store.exit_file(container_id)),
+            "reaped_file": str(self.store.reaped_file(container_id)),
             "control_socket": self.store.control_socket(container_id),
             "attach_socket": self.store.attach_socket(container_id),
             "tty": record["tty"],
@@ -417,6 +421,9 @@ class ShimDaemon:
         }
         started = spawn_shim(shim_spec, self.config.runtime.create_timeout + 5.0)
         record.update(
+            shim_spec=shim_spec,  # what a new shim needs to re-adopt the container (adoption.py)
+            keeper_pid=started["keeper_pid"],
+            keeper_start_time=process_start_time(started["keeper_pid"]),
             shim_pid=started["shim_pid"],
             shim_start_time=process_start_time(started["shim_pid"]),
             pid=started["pid"],
@@ -652,6 +659,7 @@ class ShimDaemon:
             info = {
                 "pid": record.get("pid", 0) if state in (CREATED, RUNNING) else 0,
                 "shim_pid": record.get("shim_pid", 0),
+                "keeper_pid": record.get("keeper_pid", 0),
                 "sandbox_id": record["sandbox_id"],
                 "runtime_handler": record.get("runtime_handler", ""),
                 "runtime_spec": self._spec(record),
@@ -678,12 +686,20 @@ class ShimDaemon:
         return [self._status(record) for record in self.store.all()
                 if record["sandbox_id"] == sandbox_id and record.get("phase") == PHASE_CREATED]
 
-    def list(self, params: dict[str, Any], call: CallContext) -> list[dict[str, Any]]:
+    def list(self, params: dict[str, Any], call: CallContext) -> list[Any]:
+        """Listed containers matching the filter; with `brief`, only [id, state]
+        pairs (a listed container's other fields never change: crigw caches them)."""
         wanted = params.get("filter") or {}
-        result = []
+        brief = bool(params.get("brief"))
+        wanted_state = int((wanted.get("state") or {}).get("state", 0)) if wanted.get("state") is not None else None
+        alive = self.store.inits.alive_ids()
+        result: list[Any] = []
         for record in self._filtered(wanted):
-            state, _ = self.store.state(record)
-            if "state" in wanted and wanted["state"] is not None and state != int((wanted["state"] or {}).get("state", 0)):
+            state, _ = self.store.state(record, alive)
+            if wanted_state is not None and state != wanted_state:
+                continue
+            if brief:
+                result.append([record["id"], state])
                 continue
             result.append({
                 "id": record["id"],
@@ -701,6 +717,9 @@ class ShimDaemon:
 
     def _filtered(self, wanted: dict[str, Any]) -> list[dict[str, Any]]:
         records = [record for record in self.store.all() if record.get("phase") == PHASE_CREATED]
+        if wanted.get("ids") is not None:
+            ids = set(wanted["ids"])
+            records = [record for record in records if record["id"] in ids]
         if wanted.get("id"):
             records = [record for record in records if record["id"].startswith(wanted["id"])]
         if wanted.get("pod_sandbox_id"):

@@ -37,6 +37,7 @@ from services.shimd.shim_io import (
     PR_SET_CHILD_SUBREAPER,
     accept,
     atomic_write,
+    keeper_exit_status,
     prctl,
     receive_fds,
     set_nonblocking,
@@ -67,6 +68,8 @@ DRAIN_SECONDS = 2.0
 # Extra time a stop waits for the exit after SIGKILL before it answers.
 KILL_GRACE_SECONDS = 10.0
 ATTACH_SEND_TIMEOUT = 5.0
+# How long a re-adopted init's exit may wait for the keeper's record of it.
+KEEPER_RECORD_WAIT_SECONDS = 5.0
 # A control request is one JSON line: shimd's exec requests are bounded
 # (common/exec_limits.py: 1 MiB of argv, which JSON escaping can make up to
 # six times longer); anything longer is refused unread.
@@ -191,6 +194,11 @@ class Shim:
         self.attach = _socket.socket(fileno=handed[b"attach"])
         self.log = LogWriter("", handed.get(b"log", -1))
         self.tty = b"tty" in handed
+        # A shim that re-adopted a running container (its first shim died) is
+        # not the init's parent: a pidfd says when it exits, and the keeper
+        # (keeper.py), which reaped it, what its status was.
+        self.init_pidfd = handed.get(b"init", -1)
+        self.exit_seen_at = 0.0
         # fd -> stream name for the container's output (pipes or pty master).
         self.outputs: dict[int, bytes] = {}
         self.stdin_fd = -1
@@ -279,6 +287,8 @@ class Shim:
                 except Exception as exc:  # the container's only supervisor must not end over one event
                     os.write(2, f"shim: handling fd {fd}: {type(exc).__name__}: {exc}\n".encode())
             self.check_stop_deadlines()
+            if self.exit_seen_at and not self.exited:
+                self.check_adopted_exit()
         for fd in list(self.outputs):
             self.close_output(fd)
         self.finish()
@@ -286,6 +296,8 @@ class Shim:
     def register(self, poller: select.poll) -> list[tuple[int, int]]:
         entries: list[tuple[int, int]] = [(self.wakeup_r, select.POLLIN)]
         entries.append((self.control.fileno(), select.POLLIN))
+        if self.init_pidfd >= 0 and not self.exited and not self.exit_seen_at:
+            entries.append((self.init_pidfd, select.POLLIN))
         if not self.exited:
             entries.append((self.attach.fileno(), select.POLLIN))
         for fd in self.outputs:
@@ -310,6 +322,8 @@ class Shim:
     def poll_timeout(self, drain_until: float) -> int:
         now = time.monotonic()
         deadlines = [waiter[1] for waiter in self.stop_waiters]
+        if self.exit_seen_at and not self.exited:
+            deadlines.append(now + 0.01)  # the keeper's record is due any moment
         if drain_until:
             deadlines.append(drain_until)
         if not deadlines:
@@ -317,7 +331,10 @@ class Shim:
         return min(MAX_POLL_MS, max(0, int((min(deadlines) - now) * 1000) + 1))
 
     def dispatch(self, fd: int, event: int) -> None:
-        if fd == self.wakeup_r:
+        if fd == self.init_pidfd:
+            self.exit_seen_at = time.monotonic()
+            self.check_adopted_exit()
+        elif fd == self.wakeup_r:
             try:
                 while os.read(self.wakeup_r, 512):
                     pass
@@ -460,6 +477,16 @@ class Shim:
                 self.oom_kills = max(self.oom_kills, int(line[9:]))
 
     # --- exit --------------------------------------------------------------
+
+    def check_adopted_exit(self) -> None:
+        """The re-adopted init has exited: take its status from the keeper's
+        records once the keeper has reaped it (polled from the loop)."""
+        status = keeper_exit_status(self.spec["reaped_file"], self.pid)
+        if status is not None:
+            self.container_exited(status)
+        elif time.monotonic() - self.exit_seen_at > KEEPER_RECORD_WAIT_SECONDS:
+            # The keeper is gone too: the status is lost (255, as for any lost exit).
+            self.container_exited(255 << 8)
 
     def reap(self) -> None:
         while True:
@@ -726,11 +753,16 @@ def kill_exec(pid_file: str, runtime_pid: int) -> None:
             pass
 
 
-def run(spec_bytes: bytes, notify_fd: int) -> None:
-    """The shim's life, in the process the zygote forked for it. Never returns."""
+def run(spec_bytes: bytes, notify_fd: int, pipes: tuple[int, ...] = ()) -> None:
+    """The shim's life, in the process the zygote forked for it. Never returns.
+
+    pipes: the container's stdio pipes (shim_setup.stdio_pipes), whose far
+    ends its keeper holds; none for a shim that re-adopts a running
+    container (the spec says "adopt").
+    """
     code = 1
     try:
-        code = supervise(spec_bytes, notify_fd)
+        code = supervise(spec_bytes, notify_fd, pipes=pipes)
     except BaseException as exc:  # last resort: leave a trace in shim.log
         try:
             os.write(2, f"shim: {type(exc).__name__}: {exc}\n".encode())
@@ -740,7 +772,8 @@ def run(spec_bytes: bytes, notify_fd: int) -> None:
         os._exit(code)
 
 
-def supervise(spec_bytes: bytes, notify_fd: int, on_ready: Callable[[Shim], None] | None = None) -> int:
+def supervise(spec_bytes: bytes, notify_fd: int, on_ready: Callable[[Shim], None] | None = None,
+              pipes: tuple[int, ...] = ()) -> int:
     """Have the container created by a setup helper, then serve it until it
     exited and its output is drained; the exit code for the shim.
 
@@ -756,11 +789,13 @@ def supervise(spec_bytes: bytes, notify_fd: int, on_ready: Callable[[Shim], None
         code = 1
         try:
             shim_end.close()
-            code = shim_setup.set_up(spec_bytes, notify_fd, helper_end, os.getppid())
+            code = shim_setup.set_up(spec_bytes, notify_fd, helper_end, os.getppid(), pipes)
         finally:
             os._exit(code)
     helper_end.close()
     os.close(notify_fd)
+    for fd in pipes:  # the helper hands over the ends the shim keeps
+        os.close(fd)
     try:
         handoff, fds = receive_fds(shim_end, 4096, 16)
     finally:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, Unavailable
-from services.shimd.zygote import MAX_SPEC_BYTES
+from services.shimd import keeper
+from services.shimd.zygote import MAX_SPEC_BYTES, SPEC_ADOPT, SPEC_CREATE
 
 # How long a spawned shim may take to pick its spec up from the zygote's
 # socket (see services/shimd/zygote.py); after that it drops it.
@@ -24,7 +25,7 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 # nothing but the standard library and services/shimd.
 ZYGOTE_BOOTSTRAP = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from services.shimd import zygote; zygote.main(int(sys.argv[2]), int(sys.argv[3]))"
+    "from services.shimd import zygote; zygote.main(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))"
 )
 
 
@@ -36,12 +37,13 @@ class ZygoteProcess:
         # is handed its ends explicitly, and its shims ever hold them.
         self.spec_sock, zygote_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         token_read, self.token_fd = os.pipe()
+        keeper_fd = keeper.executable_fd()
         try:
             # The label (shimd's state dir) only names the zygote in `ps`.
             self.process = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", ZYGOTE_BOOTSTRAP, str(REPOSITORY_ROOT),
-                 str(token_read), str(zygote_sock.fileno()), f"pyrio-shim-zygote:{label}"],
-                pass_fds=(token_read, zygote_sock.fileno()),
+                 str(token_read), str(zygote_sock.fileno()), str(keeper_fd), f"pyrio-shim-zygote:{label}"],
+                pass_fds=(token_read, zygote_sock.fileno(), keeper_fd),
                 stdin=subprocess.DEVNULL,
                 # Its own session, like the shims it forks: a ^C or a
                 # process-group signal meant for shimd does not end it.
@@ -49,18 +51,19 @@ class ZygoteProcess:
             )
         finally:
             os.close(token_read)
+            os.close(keeper_fd)
             zygote_sock.close()
         self.pid = self.process.pid
         self.lock = threading.Lock()
 
-    def spawn(self, spec: dict[str, Any], notify_fd: int, pickup_seconds: float) -> None:
+    def spawn(self, spec: dict[str, Any], notify_fd: int, pickup_seconds: float, kind: bytes = SPEC_CREATE) -> None:
         """Have a shim forked for spec; it reports on notify_fd.
 
         A shim that has not picked the spec up within pickup_seconds drops
         it, so the caller can give up after that without a late start.
         """
         deadline_ns = time.monotonic_ns() + int(pickup_seconds * 1e9)
-        message = deadline_ns.to_bytes(8, "little") + json.dumps(spec).encode()
+        message = deadline_ns.to_bytes(8, "little") + kind + json.dumps(spec).encode()
         if len(message) > MAX_SPEC_BYTES:
             raise InvalidArgument(f"the container's shim spec is {len(message)} bytes, over the {MAX_SPEC_BYTES} a shim accepts (very long paths?)")
         with self.lock:
@@ -115,16 +118,17 @@ def _replace_zygote() -> ZygoteProcess:
 
 
 def spawn_shim(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Start a shim and wait until its `runtime create` finished.
+    """Start a shim and wait until its `runtime create` finished (or, for a
+    spec with "adopt", until it took over the running container).
 
-    Returns {"shim_pid", "pid"}; raises Internal with the runtime's own
-    message when the create failed.
+    Returns {"shim_pid", "keeper_pid", "pid"}; raises Internal with the
+    runtime's own message when the create failed.
     """
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
         pickup_seconds = min(SHIM_PICKUP_SECONDS, timeout)
         try:
-            zygote().spawn(spec, write_fd, pickup_seconds)
+            zygote().spawn(spec, write_fd, pickup_seconds, SPEC_ADOPT if spec.get("adopt") else SPEC_CREATE)
         finally:
             os.close(write_fd)
         started = time.monotonic()

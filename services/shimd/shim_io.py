@@ -16,6 +16,11 @@ import os
 import sys
 
 PR_SET_CHILD_SUBREAPER = 36
+# The fds of a container's keeper (services/shimd/keeper.py), the same in
+# every keeper: a new shim takes them with pidfd_getfd.
+KEEPER_REAPED_FD, KEEPER_STDOUT_FD, KEEPER_STDERR_FD, KEEPER_STDIN_FD = 3, 4, 5, 6
+KEEPER_RECORD_BYTES = 8
+_SYS_PIDFD_GETFD = 438  # x86-64
 
 # Resolved once in the zygote, so a shim does not build ctypes objects.
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -28,6 +33,32 @@ def prctl(option: int, value: int) -> None:
     if _libc_prctl(option, value, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """A copy of another process's fd (pidfd_getfd(2)), close-on-exec."""
+    fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, target_fd, 0)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd({target_fd}): {os.strerror(err)}")
+    return fd
+
+
+def keeper_exit_status(path: str, pid: int) -> int | None:
+    """The wait status the keeper recorded for `pid` (None when it has not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
+    found = None
+    for at in range(0, len(data) - KEEPER_RECORD_BYTES + 1, KEEPER_RECORD_BYTES):
+        if int.from_bytes(data[at : at + 4], "little", signed=True) == pid:
+            found = int.from_bytes(data[at + 4 : at + 8], "little", signed=True)
+    return found
 
 
 def trim_heap() -> None:

@@ -19,12 +19,25 @@ from __future__ import annotations
 
 import _socket
 import errno
+import fcntl
 import os
 import select
 import time
 
 from services.shimd import compact_json
-from services.shimd.shim_io import accept, receive_fds, send_fds, spawn
+from services.shimd.shim_io import (
+    KEEPER_REAPED_FD,
+    KEEPER_STDERR_FD,
+    KEEPER_STDIN_FD,
+    KEEPER_STDOUT_FD,
+    PR_SET_CHILD_SUBREAPER,
+    accept,
+    pidfd_getfd,
+    prctl,
+    receive_fds,
+    send_fds,
+    spawn,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -34,16 +47,64 @@ if TYPE_CHECKING:
 CONSOLE_WAIT_SECONDS = 5.0
 
 
-def set_up(spec_bytes: bytes, notify_fd: int, result_sock: _socket.socket, shim_pid: int) -> int:
+# The container's stdio pipes, made before the shim is forked so that its
+# keeper holds their far ends: (stdout r, w), (stderr r, w), (stdin r, w).
+Pipes = "tuple[int, int, int, int, int, int]"
+# Signals the keeper ignores (inherited through exec): only SIGKILL ends it.
+KEEPER_IGNORED_SIGNALS = ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGPIPE", "SIGALRM")
+
+
+def stdio_pipes() -> tuple[int, int, int, int, int, int]:
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    return out_r, out_w, err_r, err_w, in_r, in_w
+
+
+def become_keeper(spec_bytes: bytes, program_fd: int, pipes: tuple[int, ...]) -> None:
+    """Exec the keeper (keeper.py) with its fds in place; returns only on failure."""
+    import _signal
+
+    prctl(PR_SET_CHILD_SUBREAPER, 1)  # before the shim can die: its orphans come here
+    spec = compact_json.loads(spec_bytes)
+    reaped = os.open(spec["reaped_file"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    out_r, out_w, err_r, err_w, in_r, in_w = pipes
+    if spec.get("stdin_once"):
+        # Its stdin must reach EOF when the shim closes it: the keeper keeps no write end.
+        os.close(in_w)
+        in_w = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    # Targets 3-6 may be taken by these very fds: move them out of the way first.
+    staged = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16) for fd in (reaped, out_r, err_r, in_w, null, program_fd)]
+    for fd in (reaped, out_r, out_w, err_r, err_w, in_r, in_w, null, program_fd):
+        os.close(fd)
+    reaped, out_r, err_r, in_w, null, program_fd = staged
+    for target in (0, 1, 2):
+        os.dup2(null, target)
+    for fd, target in ((reaped, KEEPER_REAPED_FD), (out_r, KEEPER_STDOUT_FD), (err_r, KEEPER_STDERR_FD),
+                       (in_w, KEEPER_STDIN_FD)):
+        os.dup2(fd, target)  # inheritable
+    for name in KEEPER_IGNORED_SIGNALS:
+        _signal.signal(getattr(_signal, name), _signal.SIG_IGN)
+    # Nothing else of the zygote's reaches the keeper (program_fd closes at exec).
+    os.closerange(KEEPER_STDIN_FD + 1, program_fd)
+    os.closerange(program_fd + 1, 65536)
+    os.chdir("/")
+    os.execve(f"/proc/self/fd/{program_fd}", ["pyrio-keeper", spec.get("container_id", "")[:12]], {})
+
+
+def set_up(spec_bytes: bytes, notify_fd: int, result_sock: _socket.socket, shim_pid: int,
+           pipes: tuple[int, ...] = ()) -> int:
     """The helper's whole life; returns its exit code."""
     spec = compact_json.loads(spec_bytes)
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     shim_log = os.open(spec["shim_log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     os.dup2(shim_log, 2)  # the helper's own errors go to the shim's log too
-    write_line(notify_fd, b'{"shim_pid": %d}' % shim_pid)
+    keeper_pid = int(spec["keeper_pid"]) if spec.get("adopt") else _keeper_of(shim_pid)
+    write_line(notify_fd, b'{"shim_pid": %d, "keeper_pid": %d}' % (shim_pid, keeper_pid))
     handed: dict[str, int] = {"null": null, "shim_log": shim_log}
     try:
-        created = create(spec, handed)
+        created = adopt(spec, handed) if spec.get("adopt") else create(spec, handed, pipes)
     except Exception as exc:
         for path in (spec["control_socket"], spec["attach_socket"]):
             remove(path)
@@ -55,7 +116,42 @@ def set_up(spec_bytes: bytes, notify_fd: int, result_sock: _socket.socket, shim_
     return 0
 
 
-def create(spec: dict[str, Any], handed: dict[str, int]) -> int:
+def _keeper_of(shim_pid: int) -> int:
+    """The shim's parent: its keeper."""
+    with open(f"/proc/{shim_pid}/stat", "rb") as handle:
+        return int(handle.read().rsplit(b")", 1)[1].split()[1])
+
+
+def adopt(spec: dict[str, Any], handed: dict[str, int]) -> int:
+    """For a new shim of a running container whose shim died: listen on the
+    shim's sockets again and take the container's stdio from its keeper."""
+    keeper = os.pidfd_open(int(spec["keeper_pid"]))
+    try:
+        if not _is_keeper(int(spec["keeper_pid"]), spec["container_id"]):
+            raise RuntimeError("the container's keeper is gone: its output and exit cannot be taken over")
+        handed["control"] = listen(spec["control_socket"], _socket.SOCK_STREAM).detach()
+        handed["attach"] = listen(spec["attach_socket"], _socket.SOCK_SEQPACKET).detach()
+        if spec.get("log_path"):
+            handed["log"] = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        handed["stdout"] = pidfd_getfd(keeper, KEEPER_STDOUT_FD)
+        handed["stderr"] = pidfd_getfd(keeper, KEEPER_STDERR_FD)
+        if spec.get("stdin"):
+            handed["stdin"] = pidfd_getfd(keeper, KEEPER_STDIN_FD)
+        handed["init"] = os.pidfd_open(int(spec["pid"]))
+    finally:
+        os.close(keeper)
+    return int(spec["pid"])
+
+
+def _is_keeper(pid: int, container_id: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().split(b"\0")[:2] == [b"pyrio-keeper", container_id[:12].encode()]
+    except OSError:
+        return False
+
+
+def create(spec: dict[str, Any], handed: dict[str, int], pipes: tuple[int, ...] = ()) -> int:
     """Listen on the shim's sockets and run `<runtime> create`; the
     container's pid. Adds the fds the shim keeps to `handed`."""
     handed["control"] = listen(spec["control_socket"], _socket.SOCK_STREAM).detach()
@@ -75,12 +171,14 @@ def create(spec: dict[str, Any], handed: dict[str, int]) -> int:
         args += ["--console-socket", console_path]
         stdio = (null, null, null)
     else:
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w, err_r, err_w, in_r, in_w = pipes or stdio_pipes()
         handed["stdout"], handed["stderr"] = out_r, err_r
         stdin = null
         if spec.get("stdin"):
-            stdin, handed["stdin"] = os.pipe2(os.O_CLOEXEC)
+            stdin, handed["stdin"] = in_r, in_w
+        else:
+            os.close(in_r)
+            os.close(in_w)
         stdio = (stdin, out_w, err_w)
     args.append(spec["container_id"])
     try:

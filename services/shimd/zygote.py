@@ -29,7 +29,7 @@ import os
 import select
 import time
 
-from services.shimd import compact_json, shim
+from services.shimd import compact_json, shim, shim_setup
 from services.shimd.shim_io import receive_fds, send_fds, trim_heap
 
 # A forked shim drops a spec it could not pick up in this long (shimd died
@@ -38,9 +38,10 @@ SPEC_WAIT_SECONDS = 30.0
 # A spec is about a kilobyte of paths; the limit keeps the buffer (and
 # the pages it touches in each shim) small.
 MAX_SPEC_BYTES = 8 * 1024
+SPEC_CREATE, SPEC_ADOPT = b"c", b"a"
 
 
-def main(token_fd: int, spec_fd: int) -> None:
+def main(token_fd: int, spec_fd: int, keeper_fd: int) -> None:
     _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
     spec_sock = _socket.socket(fileno=spec_fd)
@@ -62,10 +63,10 @@ def main(token_fd: int, spec_fd: int) -> None:
     trim_heap()
     gc.freeze()
     _signal.signal(_signal.SIGCHLD, _signal.SIG_IGN)
-    _fork_loop(token_fd, spec_sock)
+    _fork_loop(token_fd, spec_sock, keeper_fd)
 
 
-def _fork_loop(token_fd: int, spec_sock: _socket.socket) -> None:
+def _fork_loop(token_fd: int, spec_sock: _socket.socket, keeper_fd: int) -> None:
     """Fork one shim per token byte, touching (almost) no memory in between.
 
     Reading a request and decoding its JSON here, as an earlier zygote did,
@@ -82,32 +83,48 @@ def _fork_loop(token_fd: int, spec_sock: _socket.socket) -> None:
         if not token:  # shimd is gone
             os._exit(0)
         if fork() == 0:
-            _become_shim(token_fd, spec_sock)
+            _become_shim(token_fd, spec_sock, keeper_fd)
 
 
-def _become_shim(token_fd: int, spec_sock: _socket.socket) -> None:
-    """In the forked child: take one spec and run the shim. Never returns."""
+def _become_shim(token_fd: int, spec_sock: _socket.socket, keeper_fd: int) -> None:
+    """In the forked child: take one spec and run the shim. Never returns.
+
+    A spec to create a container (kind CREATE) gets a keeper: this process
+    makes the container's stdio pipes, forks the shim and becomes the
+    keeper (keeper.py), so the shim is its child. A spec to re-adopt a
+    running container (kind ADOPT) already has its keeper: this process
+    becomes the shim itself.
+    """
     try:
         _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
         os.close(token_fd)
         # Its own session: signals to shimd's process group (a terminal's
         # ^C, supervisord's stop) never reach the shim or its container.
         os.setsid()
-        spec_bytes, notify_fd = _receive_spec(spec_sock)
+        kind, spec_bytes, notify_fd = _receive_spec(spec_sock)
         spec_sock.close()
-        if notify_fd >= 0:
+        if notify_fd < 0:
+            return
+        if kind == SPEC_ADOPT:
+            os.close(keeper_fd)
             shim.run(spec_bytes, notify_fd)
+        pipes = shim_setup.stdio_pipes()
+        if os.fork() == 0:
+            os.close(keeper_fd)
+            shim.run(spec_bytes, notify_fd, pipes=pipes)
+        os.close(notify_fd)
+        shim_setup.become_keeper(spec_bytes, keeper_fd, pipes)
     finally:
         os._exit(1)
 
 
-def _receive_spec(spec_sock: _socket.socket) -> tuple[bytes, int]:
-    """(spec JSON, notify fd) of one spawn, left undecoded (the shim decodes
-    it only where it must); (b"", -1) when none came within
+def _receive_spec(spec_sock: _socket.socket) -> tuple[bytes, bytes, int]:
+    """(kind, spec JSON, notify fd) of one spawn, left undecoded (the shim
+    decodes it only where it must); (b"", b"", -1) when none came within
     SPEC_WAIT_SECONDS or shimd is gone.
 
     A message is the pickup deadline (CLOCK_MONOTONIC ns, 8 bytes little
-    endian) and the spec. Tokens and specs come in pairs, and a SEQPACKET
+    endian), the kind (one byte: SPEC_CREATE or SPEC_ADOPT) and the spec. Tokens and specs come in pairs, and a SEQPACKET
     message goes to exactly one reader: children woken together each get
     one spec, in any order. A spec shimd already gave up on (its deadline
     passed: the child meant for it died) is dropped and the next one taken,
@@ -120,7 +137,7 @@ def _receive_spec(spec_sock: _socket.socket) -> tuple[bytes, int]:
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not poller.poll(int(remaining * 1000) + 1):
-            return b"", -1
+            return b"", b"", -1
         try:
             # MSG_DONTWAIT, not setblocking: the socket's file is shared
             # with the zygote and every sibling.
@@ -128,11 +145,11 @@ def _receive_spec(spec_sock: _socket.socket) -> tuple[bytes, int]:
         except BlockingIOError:
             continue  # a sibling took it
         except OSError:
-            return b"", -1
+            return b"", b"", -1
         if not message:  # shimd is gone
-            return b"", -1
+            return b"", b"", -1
         if fds and time.monotonic_ns() <= int.from_bytes(message[:8], "little"):
-            return message[8:], fds[0]
+            return message[8:9], message[9:], fds[0]
         for fd in fds:
             os.close(fd)
 
@@ -144,8 +161,8 @@ def _warm_up_pickup(scratch: str) -> None:
     try:
         for _ in range(10):
             deadline = time.monotonic_ns() + 10**10
-            send_fds(sender, deadline.to_bytes(8, "little") + compact_json.dumps({"container_id": "warm-up"}), [write_fd])
-            _, notify_fd = _receive_spec(receiver)
+            send_fds(sender, deadline.to_bytes(8, "little") + SPEC_CREATE + compact_json.dumps({"container_id": "warm-up"}), [write_fd])
+            _, _, notify_fd = _receive_spec(receiver)
             os.close(notify_fd)
     finally:
         for fd in (read_fd, write_fd):
