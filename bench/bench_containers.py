@@ -94,11 +94,15 @@ def run() -> dict[str, float | str]:
         ]
 
         time.sleep(2)  # let the shims settle into their idle loop
-        shim_pids = []
+        shim_pids, keeper_pids = [], []
         for _, (_, container_id) in concurrent:
             status = runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=container_id, verbose=True), timeout=20)
-            shim_pids.append(json.loads(status.info["info"])["shim_pid"])
+            info = json.loads(status.info["info"])
+            shim_pids.append(info["shim_pid"])
+            keeper_pids.append(info.get("keeper_pid", 0))
         shim_pss = [pss_kib(pid) for pid in shim_pids]
+        # Each container's keeper (services/shimd/keeper.py), beside its shim.
+        keeper_pss = [pss_kib(pid) for pid in keeper_pids if pid]
         shim_private = [rollup_kib(pid, "Private_Dirty") for pid in shim_pids]
         shim_rss = [rollup_kib(pid, "Rss") for pid in shim_pids]
 
@@ -131,6 +135,7 @@ def run() -> dict[str, float | str]:
             f"exec_sync_p95_ms ({EXEC_CALLS} calls)": round(p95(exec_times), 1),
             f"shim_pss_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_pss), 1),
             f"shim_pss_max_kib ({CONCURRENT_PODS} containers)": max(shim_pss),
+            f"keeper_pss_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(keeper_pss or [0]), 1),
             f"shim_private_dirty_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_private), 1),
             f"shim_rss_mean_kib ({CONCURRENT_PODS} containers)": round(statistics.mean(shim_rss), 1),
             "chatty_container_log_mb_per_s (20 MB of 28-byte lines, pod start included)": round(CHATTY_OUTPUT_BYTES / 1e6 / chatty_seconds, 1),

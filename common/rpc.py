@@ -52,6 +52,10 @@ log = logging.getLogger("pyrio.rpc")
 # How long a call waits for a connection to a server that is not connected
 # (first use, or the server is restarting) before answering Unavailable.
 CONNECT_GRACE_SECONDS = 1.0
+# A server that went away in the middle of an idempotent call is most likely
+# being restarted by supervisord; on a busy node that takes seconds, and the
+# caller is better served by the answer than by an early Unavailable.
+RESEND_GRACE_SECONDS = 10.0
 
 _CONNECTED_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
 
@@ -389,8 +393,7 @@ class RpcClient:
                 return outcome
             if not idempotent:
                 raise Unavailable(f"{self.service} went away while handling {method}")
-            # The restarted server gets a fresh grace period to come back.
-            grace_end = min(deadline, time.time() + CONNECT_GRACE_SECONDS)
+            grace_end = min(deadline, time.time() + RESEND_GRACE_SECONDS)
             log.info("%s went away during idempotent %s; sending it again", self.service, method)
 
     def _await_reply(self, sock: _ClientSocket, request_id: str, deadline: float) -> Any:

@@ -213,7 +213,7 @@ class Stack:
 
         return wait_until(running, timeout, what=f"{service} RUNNING")
 
-    def wait_ready(self, timeout: float = 40.0) -> None:
+    def wait_ready(self, timeout: float = float(os.environ.get("PYRIO_TEST_READY_TIMEOUT", "40"))) -> None:
         """Until the socket answers and every daemon reports ready."""
 
         def ready() -> bool:

@@ -30,7 +30,7 @@ from common.rpc import CallContext, RpcServer
 from services.shimd import compact_json, oci_spec, spec_resources, spec_security, spec_users
 from services.shimd.shim_client import REPOSITORY_ROOT, ZygoteProcess
 from services.shimd.records import CREATED, EXITED, RUNNING
-from services.shimd.shim import MAX_LOG_LINE, LogWriter
+from services.shimd.shim_log import MAX_LOG_LINE, LogWriter
 from tests.fixtures_containers import container_cgroup_file
 from tests.harness import CGROUP_MANAGER, cleanup_root, private_cgroup_parent, wait_until
 
@@ -386,6 +386,7 @@ def test_zygote_interpreter_loads_no_heavy_module() -> None:
     code = f"import sys; sys.path.insert(0, {str(REPOSITORY_ROOT)!r}); import services.shimd.zygote; print(' '.join(sys.modules))"
     loaded = set(subprocess.run([sys.executable, "-I", "-S", "-c", code], check=True, capture_output=True, text=True).stdout.split())
     assert "services.shimd.shim" in loaded and "services.shimd.shim_setup" in loaded
+    assert {f"services.shimd.{module}" for module in ("shim_log", "shim_exit", "shim_control", "shim_exec", "shim_warm_up")} <= loaded
     assert not {name.split(".")[0] for name in loaded} & HEAVY_MODULES
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def test_a_container_outlives_its_shim_and_is_readopted(fresh_containers: Contai
     assert containers.status(counter).status.state == CONTAINER_RUNNING
     assert_log_goes_on(containers, counter, last)
     assert containers.exec(counter, "echo", "exec-ok").stdout == b"exec-ok\n"
+    # Attach: the new shim serves the container's attach socket (stream id, then data).
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+        client.settimeout(10)
+        client.connect(str(Path(containers.stack.run_dir) / "shims" / f"{counter[:20]}.attach"))
+        packet = client.recv(65536)
+        assert packet[:1] == b"\x02" and b"line-" in packet[1:]
 
     # ReopenContainerLog through the new shim: new lines go to a new file.
     log_path = Path(containers.status(counter).status.log_path)
@@ -110,3 +117,19 @@ def test_exit_code_of_a_container_that_ends_after_losing_its_shim(fresh_containe
     containers.stack.wait_ready()
     status = containers.wait_state(late, CONTAINER_EXITED)
     assert status.exit_code == 6, status.message
+
+
+def test_a_container_nobody_supervises_is_unknown_not_running(fresh_containers: Containers) -> None:
+    containers = fresh_containers
+    lost = containers.run(containers.pod(), "lost", command=["sleep", "3600"])
+    info = containers.info(lost)
+    containers.stack.supervisorctl("stop", "shimd")  # no new shim may come
+    os.kill(info["keeper_pid"], signal.SIGKILL)
+    os.kill(info["shim_pid"], signal.SIGKILL)
+    containers.stack.supervisorctl("start", "shimd")
+    containers.stack.wait_ready()
+    assert containers.status(lost).status.state == api_pb2.CONTAINER_UNKNOWN
+    # StopContainer still ends it; its code is lost and the message says so.
+    containers.stop(lost, timeout=1)
+    status = containers.wait_state(lost, CONTAINER_EXITED)
+    assert status.exit_code == 255 and "exit" in status.message

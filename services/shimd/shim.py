@@ -23,27 +23,16 @@ from __future__ import annotations
 
 import _signal
 import _socket
-import _struct
-import binascii
-import errno
-import fcntl
 import os
 import select
-import termios
 import time
 
 from services.shimd import compact_json, shim_setup
-from services.shimd.shim_io import (
-    PR_SET_CHILD_SUBREAPER,
-    accept,
-    atomic_write,
-    keeper_exit_status,
-    prctl,
-    receive_fds,
-    set_nonblocking,
-    spawn,
-    trim_heap,
-)
+from services.shimd.shim_control import ShimControl
+from services.shimd.shim_exec import ShimExec
+from services.shimd.shim_exit import ShimExit
+from services.shimd.shim_io import PR_SET_CHILD_SUBREAPER, accept, prctl, receive_fds, set_nonblocking, trim_heap
+from services.shimd.shim_log import READ_CHUNK, LogWriter
 
 # typing is a large module the zygote (and so every shim) would carry for
 # annotations alone: they are strings here, so it is only for type checkers.
@@ -51,30 +40,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-# A log line longer than this is written in parts marked P (as conmon does).
-MAX_LOG_LINE = 16 * 1024
-# The shim's one read buffer for the container's output, and the most log
-# bytes it builds up before writing them out.
-READ_CHUNK = 32 * 1024
-LOG_BATCH_BYTES = 64 * 1024
-# A shim whose container went quiet this long after output trims its heap.
-TRIM_AFTER_IDLE_MS = 1000
-# ExecSync output kept per stream; the rest is read and discarded so the
-# exec'd command never blocks, and the caller learns it was truncated.
-DEFAULT_EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
 # How long the shim keeps draining the container's output after its init
 # exited (processes of a shared PID namespace may hold the pipes open).
 DRAIN_SECONDS = 2.0
-# Extra time a stop waits for the exit after SIGKILL before it answers.
-KILL_GRACE_SECONDS = 10.0
+# A shim whose container went quiet this long after output trims its heap.
+TRIM_AFTER_IDLE_MS = 1000
 ATTACH_SEND_TIMEOUT = 5.0
-# How long a re-adopted init's exit may wait for the keeper's record of it.
-KEEPER_RECORD_WAIT_SECONDS = 5.0
-# A control request is one JSON line: shimd's exec requests are bounded
-# (common/exec_limits.py: 1 MiB of argv, which JSON escaping can make up to
-# six times longer); anything longer is refused unread.
-MAX_REQUEST_BYTES = 8 * 1024 * 1024
-CONTROL_READ_SECONDS = 2.0
 # The longest single poll: deadlines further out (a week-long stop grace
 # period) are re-checked each time, and poll takes an int of milliseconds.
 MAX_POLL_MS = 3600 * 1000
@@ -83,104 +54,15 @@ STREAM_STDOUT = b"\x02"
 STREAM_STDERR = b"\x03"
 
 
-def rfc3339_nano(now_ns: int) -> bytes:
-    seconds, nanos = divmod(now_ns, 1_000_000_000)
-    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%09dZ" % nanos).encode()
-
-
 def _ignore_signal(signum: int, frame: Any) -> None:
     """SIGCHLD only has to wake the poll loop (through the wakeup fd)."""
 
 
-def read_oom_kills(paths: list[str]) -> int:
-    """The cgroup's oom_kill counter (memory.oom_control on v1, memory.events on v2)."""
-    for path in paths:
-        try:
-            with open(path) as handle:
-                for line in handle:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
-        except (OSError, ValueError):
-            continue
-    return 0
+class Shim(ShimControl, ShimExec, ShimExit):
+    """The shim's serving half: the poll loop over what the setup helper handed over.
 
-
-class LogWriter:
-    """The CRI log file of one container, reopened on request."""
-
-    def __init__(self, path: str, fd: int = -1) -> None:
-        self.path = path
-        self.fd = fd
-        self.partial = {b"stdout": b"", b"stderr": b""}
-        if fd < 0:
-            self.reopen()
-
-    def reopen(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.path:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-
-    def write(self, stream: bytes, data: bytes | bytearray | memoryview) -> None:
-        """Log one chunk the container wrote, stamped once (as conmon does).
-
-        Lines are cut out by offset, not by re-slicing the rest of the chunk,
-        and written in batches of at most LOG_BATCH_BYTES: a chatty container
-        costs its shim no lasting memory beyond a batch."""
-        pending = self.partial[stream]
-        buffer = pending + bytes(data) if pending else bytes(data)
-        stamp = rfc3339_nano(time.time_ns())
-        full, part = b"%s %s F " % (stamp, stream), b"%s %s P " % (stamp, stream)
-        view = memoryview(buffer)
-        out = bytearray()
-        start, end = 0, len(buffer)
-        while start < end:
-            newline = buffer.find(b"\n", start, start + MAX_LOG_LINE + 1)
-            if newline >= 0:
-                out += full
-                out += view[start : newline + 1]
-                start = newline + 1
-            elif end - start > MAX_LOG_LINE:
-                # More than a full line's worth with no newline in it yet.
-                out += part
-                out += view[start : start + MAX_LOG_LINE]
-                out += b"\n"
-                start += MAX_LOG_LINE
-            else:
-                break
-            if len(out) >= LOG_BATCH_BYTES:
-                self._write_out(out)
-                out.clear()
-        self.partial[stream] = bytes(view[start:])
-        view.release()
-        self._write_out(out)
-
-    def flush_partial(self, stream: bytes) -> None:
-        """At EOF a line without its newline is written as a part (P)."""
-        if self.partial[stream]:
-            stamp = rfc3339_nano(time.time_ns())
-            self._write_out(b"%s %s P %s\n" % (stamp, stream, self.partial[stream]))
-            self.partial[stream] = b""
-
-    def _write_out(self, data: bytes | bytearray) -> None:
-        if self.fd < 0 or not data:
-            return
-        view = memoryview(data)
-        while view:
-            try:
-                written = os.write(self.fd, view)
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                break  # a full disk must not kill the container's supervisor
-            view = view[written:]
-        view.release()
-
-
-class Shim:
-    """The shim's serving half: the poll loop over what the setup helper handed over."""
+    Its control requests (shim_control.py), execs (shim_exec.py) and exit
+    handling (shim_exit.py) are mixins, one module per concern."""
 
     def __init__(self, spec_bytes: bytes, handoff: bytes, fds: list[int]) -> None:
         fields = handoff.split()
@@ -464,293 +346,6 @@ class Shim:
             except OSError:
                 pass
 
-    def read_oom_events(self) -> None:
-        """Re-read memory.events (which also re-arms its poll) for the oom_kill count."""
-        try:
-            data = os.pread(self.oom_fd, 4096, 0)
-        except OSError:  # ENODEV: the cgroup is gone
-            os.close(self.oom_fd)
-            self.oom_fd = -1
-            return
-        for line in data.split(b"\n"):
-            if line.startswith(b"oom_kill "):
-                self.oom_kills = max(self.oom_kills, int(line[9:]))
-
-    # --- exit --------------------------------------------------------------
-
-    def check_adopted_exit(self) -> None:
-        """The re-adopted init has exited: take its status from the keeper's
-        records once the keeper has reaped it (polled from the loop)."""
-        status = keeper_exit_status(self.spec["reaped_file"], self.pid)
-        if status is not None:
-            self.container_exited(status)
-        elif time.monotonic() - self.exit_seen_at > KEEPER_RECORD_WAIT_SECONDS:
-            # The keeper is gone too: the status is lost (255, as for any lost exit).
-            self.container_exited(255 << 8)
-
-    def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid == self.pid and not self.exited:
-                self.container_exited(status)
-
-    def container_exited(self, status: int) -> None:
-        exited_at = time.time_ns()
-        if os.WIFSIGNALED(status):
-            exit_code = 128 + os.WTERMSIG(status)
-        else:
-            exit_code = os.WEXITSTATUS(status)
-        self.exited = True
-        # Output already in the pipes belongs in the log before the exit is
-        # announced: whoever reads the exit file next reads the log too.
-        self.drain_available()
-        if self.oom_fd >= 0:
-            self.read_oom_events()
-        oom_killed = max(self.oom_kills, read_oom_kills(self.spec.get("oom_files", []))) > 0
-        if self.oom_fd >= 0:
-            os.close(self.oom_fd)
-            self.oom_fd = -1
-        self.exit_record = {"exit_code": exit_code, "exited_at": exited_at, "oom_killed": oom_killed, "pid": self.pid}
-        atomic_write(self.spec["exit_file"], compact_json.dumps(self.exit_record))
-        self.announce_exit()
-        for fd in list(self.attach_clients):
-            self.drop_attach_client(fd)
-        if self.stdin_fd >= 0 and self.stdin_fd not in self.outputs:
-            self.close_stdin()
-        for waiter in self.stop_waiters:
-            self.reply(waiter[0], {"ok": True, "exit": self.exit_record})
-        self.stop_waiters.clear()
-
-    def announce_exit(self) -> None:
-        """Tell shimd the exit file is there (services/shimd/events.py): one
-        datagram with the container id. Best effort: shimd sweeps for exit
-        files it was not told about, and a shimd that is down is restarted
-        into a new event epoch anyway."""
-        path = self.spec.get("exit_notify_socket")
-        if not path:
-            return
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
-        try:
-            sock.settimeout(1.0)
-            sock.sendto(self.spec["container_id"].encode(), path)
-        except OSError:
-            pass
-        finally:
-            sock.close()
-
-    def check_stop_deadlines(self) -> None:
-        now = time.monotonic()
-        for waiter in list(self.stop_waiters):
-            if waiter[1] > now:
-                continue
-            if not waiter[2]:
-                self.signal_container(_signal.SIGKILL)
-                waiter[1], waiter[2] = now + KILL_GRACE_SECONDS, True
-            else:
-                self.stop_waiters.remove(waiter)
-                self.reply(waiter[0], {"ok": False, "error": "the container did not exit after SIGKILL"})
-
-    def signal_container(self, signum: int) -> None:
-        if self.exited:
-            return
-        try:
-            os.kill(self.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def finish(self) -> None:
-        for sock in (self.control, self.attach):
-            try:
-                os.unlink(sock.getsockname())
-            except OSError:
-                pass
-            sock.close()
-        # Only the warm-up lives on after this: it must not leak the fds.
-        _signal.set_wakeup_fd(-1)
-        for fd in (self.wakeup_r, self.wakeup_w, self.log.fd):
-            if fd >= 0:
-                os.close(fd)
-
-    # --- requests ------------------------------------------------------------
-
-    def reply(self, conn: _socket.socket, message: dict[str, Any]) -> None:
-        try:
-            conn.sendall(compact_json.dumps(message) + b"\n")
-        except OSError:
-            pass
-        conn.close()
-
-    def accept_control(self) -> None:
-        conn = accept(self.control)
-        conn.settimeout(CONTROL_READ_SECONDS)
-        try:
-            request = self.read_request(conn)
-        except Exception as exc:  # whatever a client sent, the shim goes on
-            self.reply(conn, {"ok": False, "error": f"bad request: {type(exc).__name__}: {exc}"})
-            return
-        op = request.get("op")
-        try:
-            if op == "state":
-                self.reply(conn, {"ok": True, "pid": self.pid, "running": not self.exited, "exit": self.exit_record})
-            elif op == "stop":
-                self.handle_stop(conn, request)
-            elif op == "kill":
-                self.signal_container(int(request.get("signal", _signal.SIGKILL)))
-                self.reply(conn, {"ok": True})
-            elif op == "reopen_log":
-                self.log.path = self.spec.get("log_path", "")
-                self.log.reopen()
-                self.reply(conn, {"ok": True})
-            elif op == "resize":
-                self.resize(int(request["width"]), int(request["height"]))
-                self.reply(conn, {"ok": True})
-            elif op == "exec":
-                self.spawn_exec(conn, request)
-            else:
-                self.reply(conn, {"ok": False, "error": f"unknown request {op!r}"})
-        except Exception as exc:  # an odd request must not end the supervision
-            self.reply(conn, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-
-    def read_request(self, conn: _socket.socket) -> dict[str, Any]:
-        """One JSON line of at most MAX_REQUEST_BYTES; ValueError otherwise."""
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if chunk.endswith(b"\n"):
-                break
-            if size > MAX_REQUEST_BYTES:
-                raise ValueError(f"request is over {MAX_REQUEST_BYTES} bytes")
-        raw = b"".join(chunks)
-        chunks.clear()
-        if size > READ_CHUNK:
-            self.output_since_trim = True  # a big request's pages go back once quiet
-        request = compact_json.loads(raw)
-        if not isinstance(request, dict):
-            raise ValueError("request is not a JSON object")
-        return request
-
-    def handle_stop(self, conn: _socket.socket, request: dict[str, Any]) -> None:
-        if self.exited:
-            self.reply(conn, {"ok": True, "exit": self.exit_record})
-            return
-        timeout = float(request.get("timeout", 0))
-        if timeout <= 0:
-            self.signal_container(_signal.SIGKILL)
-            self.stop_waiters.append([conn, time.monotonic() + KILL_GRACE_SECONDS, True])
-        else:
-            self.signal_container(int(request.get("signal", _signal.SIGTERM)))
-            self.stop_waiters.append([conn, time.monotonic() + timeout, False])
-
-    def resize(self, width: int, height: int) -> None:
-        if not self.tty or not self.outputs:
-            raise ValueError("the container has no terminal")
-        master = next(iter(self.outputs))
-        fcntl.ioctl(master, termios.TIOCSWINSZ, _struct.pack("HHHH", height, width, 0, 0))
-
-    def spawn_exec(self, conn: _socket.socket, request: dict[str, Any]) -> None:
-        if self.exited:
-            self.reply(conn, {"ok": False, "error": "container is not running", "not_running": True})
-            return
-        # A child answers the exec, so a slow command never stalls the loop
-        # (and its memory goes away with it).
-        child = os.fork()
-        if child:
-            conn.close()
-            return
-        try:
-            _signal.set_wakeup_fd(-1)
-            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
-            keep = conn.fileno()
-            os.closerange(3, keep)
-            os.closerange(keep + 1, 65536)
-            conn.settimeout(None)
-            try:
-                spec = self.spec
-                runtime = [spec["runtime_path"], "--root", spec["runtime_root"]]
-                result = run_exec(runtime, spec["container_id"], request)
-            except Exception as exc:
-                os.write(2, f"exec failed: {type(exc).__name__}: {exc}\n".encode())
-                result = {"ok": False, "error": f"exec failed: {type(exc).__name__}: {exc}"}
-            self.reply(conn, result)
-        finally:
-            os._exit(0)
-
-
-def run_exec(runtime: list[str], container_id: str, request: dict[str, Any]) -> dict[str, Any]:
-    """`<runtime> exec` with a timeout and bounded output."""
-    command = [str(part) for part in request.get("cmd") or []]
-    timeout = float(request.get("timeout") or 0)
-    limit = int(request.get("max_output") or DEFAULT_EXEC_OUTPUT_LIMIT)
-    pid_file = request["pid_file"]
-    args = runtime + ["exec", "--pid-file", pid_file, container_id, *command]
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        pid = spawn(args, (devnull, out_w, err_w))
-    finally:
-        for fd in (out_w, err_w, devnull):
-            os.close(fd)
-    streams = {out_r: bytearray(), err_r: bytearray()}
-    truncated = False
-    deadline = time.monotonic() + timeout if timeout > 0 else None
-    timed_out = False
-    open_fds = set(streams)
-    while open_fds:
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, _, _ = select.select(list(open_fds), [], [], wait)
-        if not ready and deadline is not None and time.monotonic() >= deadline:
-            timed_out = True
-            kill_exec(pid_file, pid)
-            deadline = None  # keep reading until the pipes close
-            continue
-        for fd in ready:
-            data = os.read(fd, READ_CHUNK)
-            if not data:
-                open_fds.discard(fd)
-                continue
-            room = limit - len(streams[fd])
-            if room < len(data):
-                truncated = True
-            if room > 0:
-                streams[fd] += data[:room]
-    _, status = os.waitpid(pid, 0)
-    returncode = os.waitstatus_to_exitcode(status)
-    try:
-        os.unlink(pid_file)
-    except FileNotFoundError:
-        pass
-    return {
-        "ok": True,
-        "stdout": binascii.b2a_base64(streams[out_r], newline=False).decode(),
-        "stderr": binascii.b2a_base64(streams[err_r], newline=False).decode(),
-        "exit_code": returncode if returncode >= 0 else 128 - returncode,
-        "timed_out": timed_out,
-        "truncated": truncated,
-    }
-
-
-def kill_exec(pid_file: str, runtime_pid: int) -> None:
-    # runc exec does not pass SIGKILL on: kill the exec'd process itself.
-    try:
-        with open(pid_file) as handle:
-            os.kill(int(handle.read().strip()), _signal.SIGKILL)
-    except (OSError, ValueError):
-        # Not started yet (or gone): end the runtime's exec instead.
-        try:
-            os.kill(runtime_pid, _signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def run(spec_bytes: bytes, notify_fd: int, pipes: tuple[int, ...] = ()) -> None:
@@ -810,65 +405,3 @@ def supervise(spec_bytes: bytes, notify_fd: int, on_ready: Callable[[Shim], None
         on_ready(shim)
     shim.serve()
     return 0
-
-
-# Requests a warm-up sends to its own shim, so the request paths are warm
-# too; "stop" comes last and ends the stand-in container.
-WARM_UP_REQUESTS = (
-    {"op": "state"},
-    {"op": "reopen_log"},
-    {"op": "resize", "width": 80, "height": 24},
-    {"op": "kill", "signal": 0},
-    {"op": "warm-up"},
-    {"op": "stop", "signal": int(_signal.SIGTERM), "timeout": 10},
-)
-
-
-def warm_up(scratch_dir: str, rounds: int = 10) -> None:
-    """Run whole shim lives in the zygote before it forks any shim.
-
-    CPython specializes bytecode in place as it runs, and fills its method
-    cache and other caches on first use; a shim doing that itself would
-    copy every page it touched (one first method lookup on a type copies
-    about 170 KiB). Here the "runtime" is /bin/true and the "container" a
-    sleep, so the hand-over, the poll loop, the control requests, reaping,
-    the exit file and the log writer all run (and settle) in pages the
-    shims then share.
-    """
-    sleep = "/bin/sleep" if os.path.exists("/bin/sleep") else "/usr/bin/sleep"
-    for round_number in range(rounds):
-        base = os.path.join(scratch_dir, str(round_number))
-        os.mkdir(base)
-        container = os.posix_spawn(sleep, [sleep, "10"], os.environ)
-        with open(os.path.join(base, "pid"), "w") as handle:
-            handle.write(str(container))
-        spec = {
-            "container_id": "warm-up", "runtime_path": "/bin/true", "runtime_root": base, "bundle": base,
-            "pid_file": os.path.join(base, "pid"), "runtime_log": os.path.join(base, "runtime.log"),
-            "log_path": os.path.join(base, "log"), "exit_file": os.path.join(base, "exit.json"),
-            "control_socket": os.path.join(base, "ctl"), "attach_socket": os.path.join(base, "attach"),
-            "shim_log": os.path.join(base, "shim.log"), "create_timeout": 10, "oom_files": ["/proc/self/status"],
-        }
-        notify_read, notify_write = os.pipe()
-        clients: list[_socket.socket] = []
-
-        def connect_clients(shim: Shim) -> None:
-            shim.close_stdio_fds()
-            shim.log.write(b"stdout", b"warm\nup " * 4 + b"x" * (MAX_LOG_LINE + 1))
-            for request in WARM_UP_REQUESTS:
-                client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-                client.connect(spec["control_socket"])
-                client.sendall(compact_json.dumps(request) + b"\n")
-                clients.append(client)
-
-        try:
-            supervise(compact_json.dumps(spec), notify_write, connect_clients)
-        finally:
-            os.close(notify_read)
-            for client in clients:
-                client.close()
-            _signal.set_wakeup_fd(-1)
-            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
-        for name in os.listdir(base):
-            os.unlink(os.path.join(base, name))
-        os.rmdir(base)

@@ -4,7 +4,7 @@ shimd starts it as a fresh interpreter with no site packages
 (`python -I -S`, see shim_client.ZygoteProcess), so it holds the bare
 interpreter, the shim module and the few C modules that needs: the `json`,
 `socket`, `signal` and `typing` packages never load. It runs whole shim
-lives once (shim.warm_up) so bytecode specialization and the interpreter's
+lives once (shim_warm_up.warm_up) so bytecode specialization and the interpreter's
 caches settle here, freezes the heap for the collector, then forks one shim
 per request. The shims share all of that copy-on-write.
 
@@ -29,7 +29,8 @@ import os
 import select
 import time
 
-from services.shimd import compact_json, shim, shim_setup
+# Every shim module is imported here, before the fork, so that all shims share it copy-on-write.
+from services.shimd import compact_json, shim, shim_control, shim_exec, shim_exit, shim_log, shim_setup, shim_warm_up
 from services.shimd.shim_io import receive_fds, send_fds, trim_heap
 
 # A forked shim drops a spec it could not pick up in this long (shimd died
@@ -48,7 +49,7 @@ def main(token_fd: int, spec_fd: int, keeper_fd: int) -> None:
     scratch = os.path.join(os.environ.get("TMPDIR", "/tmp"), f".pyrio-zygote-{os.getpid()}")
     os.mkdir(scratch, 0o700)
     try:
-        shim.warm_up(scratch)
+        shim_warm_up.warm_up(scratch)
         _warm_up_pickup(scratch)
     except Exception as exc:  # only memory is at stake: keep serving
         os.write(2, f"shim zygote: warm-up failed: {type(exc).__name__}: {exc}\n".encode())

@@ -8,11 +8,11 @@ No /dev/kvm fails the lane: a node lane that skips proves nothing.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, Iterator
 
 import pytest
 
+from tests.harness import wait_until
 from tests.node.guest import Guest
 
 GUEST_REPO = "/root/pyrio"
@@ -57,17 +57,7 @@ class Node:
         return self.crictl_json("pods")["items"]
 
     def wait(self, predicate, timeout: float, what: str, interval: float = 5.0):
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                value = predicate()
-                if value:
-                    return value
-            except Exception as exc:  # poll again; report the last error
-                last = exc
-            time.sleep(interval)
-        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f": {last}" if last else ""))
+        return wait_until(predicate, timeout=timeout, interval=interval, what=what)
 
     def running_containers(self, names: tuple[str, ...]) -> dict[str, dict]:
         found = {c["metadata"]["name"]: c for c in self.containers() if c["state"] == "CONTAINER_RUNNING"}

@@ -100,6 +100,13 @@ STATIC_PODS = {
 }
 
 
+class AnonymousRegistry:
+    host = REGISTRY_HOST
+
+    def auth_header(self) -> str | None:
+        return None
+
+
 def systemctl(*args: str) -> None:
     subprocess.run(["systemctl", *args], check=True)
 
@@ -116,10 +123,7 @@ def provision_registry() -> None:
     systemctl("enable", "--now", "pyrio-node-registry.service")
     wait_for_registry(REGISTRY_HOST, timeout=120)
 
-    class Target:
-        host = REGISTRY_HOST
-
-    push_busybox(Target())
+    push_busybox(AnonymousRegistry())
 
 
 def provision_kubelet() -> None:
