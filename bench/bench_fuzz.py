@@ -18,7 +18,7 @@ from tests.cri_fuzz_run import BAD_CODES, fuzz, log_lines, make_anchors, service
 
 CALLS = int(os.environ.get("PYRIO_FUZZ_CALLS", "8000"))
 SEED = int(os.environ.get("PYRIO_FUZZ_SEED", "15"))
-BUDGET_S = float(os.environ.get("PYRIO_FUZZ_BUDGET_S", "420"))
+BUDGET_S = float(os.environ.get("PYRIO_FUZZ_BUDGET_S", "240"))
 
 
 def run() -> dict[str, float | str]:
@@ -27,17 +27,20 @@ def run() -> dict[str, float | str]:
         anchors = make_anchors(stack, image, registry_host=image.split("/", 1)[0])
         report = fuzz(stack, anchors, CALLS, SEED, BUDGET_S)
         pids_after = services_running(stack)
-        sweep(stack)
-        print(report.table())
+        print(report.table(), flush=True)
         for method, code, details, request in report.bad:
             print(f"  {code} {method}: {details}\n    request: {request}")
             exception = details.rsplit(": ", 2)[-2] if details.count(": ") >= 2 else details[:60]
             for line in log_lines(stack, exception, limit=5):
                 print(f"    log {line}")
+        leftovers = report.cleanup_failures + sweep(stack, strict=False)
+        for leftover in leftovers:
+            print(f"  clean-up: {leftover}")
         totals = report.totals()
         figures: dict[str, float | str] = {
             "calls": report.calls, "seed": SEED, "wall_s": round(report.seconds, 1),
             "methods": len(report.by_method),
+            "cleanup_failures": len(leftovers),
             "services_restarted": ",".join(s for s in pids_before if pids_before[s] != pids_after[s]) or "none",
         }
         figures.update({f"code_{code}": count for code, count in sorted(totals.items())})

@@ -17,7 +17,6 @@ parts of the values (NUL, newline, `..`, huge) are kept.
 from __future__ import annotations
 
 import random
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from typing import Any
 from cri_api.v1 import api_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
+
+from tests.fixtures_images import free_port
 
 RUNTIME_SERVICE = api_pb2.DESCRIPTOR.services_by_name["RuntimeService"]
 IMAGE_SERVICE = api_pb2.DESCRIPTOR.services_by_name["ImageService"]
@@ -42,12 +43,6 @@ HUGE_SIZES = (4096, 65536, 1 << 20, 3 << 20)
 
 def _is_map(descriptor: FieldDescriptor) -> bool:
     return descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -219,7 +214,7 @@ class CriFuzzer:
                 continue
             if descriptor.cpp_type != FieldDescriptor.CPPTYPE_STRING or descriptor.label == FieldDescriptor.LABEL_REPEATED:
                 if message.DESCRIPTOR.name == "PortMapping" and descriptor.name == "host_port" and 0 < value <= 65535:
-                    message.host_port = _free_port()
+                    message.host_port = free_port()
                 continue
             owner, name = message.DESCRIPTOR.name, descriptor.name
             if owner == "ImageSpec" and name == "image" and value != anchors.image:

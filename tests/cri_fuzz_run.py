@@ -36,6 +36,7 @@ BAD_CODES = ("INTERNAL", "UNKNOWN")
 class FuzzReport:
     by_method: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     bad: list[tuple[str, str, str, str]] = field(default_factory=list)  # method, code, details, request
+    cleanup_failures: list[str] = field(default_factory=list)
     calls: int = 0
     seconds: float = 0.0
 
@@ -112,29 +113,45 @@ def restore_anchors(stack: Stack, anchors: Anchors) -> None:
     runtime.StartContainer(api_pb2.StartContainerRequest(container_id=anchors.container_id), timeout=60)
 
 
-def sweep(stack: Stack, keep: Anchors | None = None) -> None:
-    """Stop and remove every pod, container and image on the stack but the anchors'."""
+def sweep(stack: Stack, keep: Anchors | None = None, strict: bool = True) -> list[str]:
+    """Stop and remove every pod, container and image on the stack but the
+    anchors'. strict: the first failure raises; else every failure is returned."""
     runtime, images = stack.runtime, stack.images
     keep_ids = {keep.pod_sandbox_id, keep.container_id} if keep else set()
+    failures: list[str] = []
+
+    def attempt(what: str, action) -> None:
+        try:
+            action()
+        except grpc.RpcError as error:
+            # Mid-run, the anchor may hold an image under another name; at the end nothing may.
+            if keep is not None and error.code() == grpc.StatusCode.FAILED_PRECONDITION and what.startswith("RemoveImage"):
+                return
+            if strict:
+                raise
+            failures.append(f"{what}: {error.code().name} {error.details()}")
+
     kept_image_ids = set()
     for container in runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=30).containers:
         if container.id in keep_ids:
             kept_image_ids.add(container.image_ref)
-        else:
-            runtime.StopContainer(api_pb2.StopContainerRequest(container_id=container.id, timeout=1), timeout=60)
-            runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=container.id), timeout=60)
+            continue
+        attempt(f"StopContainer {container.id[:12]}", lambda: runtime.StopContainer(
+            api_pb2.StopContainerRequest(container_id=container.id, timeout=1), timeout=60))
+        attempt(f"RemoveContainer {container.id[:12]}", lambda: runtime.RemoveContainer(
+            api_pb2.RemoveContainerRequest(container_id=container.id), timeout=60))
     for sandbox in runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
-        if sandbox.id not in keep_ids:
-            runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox.id), timeout=120)
-            runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox.id), timeout=120)
+        if sandbox.id in keep_ids:
+            continue
+        attempt(f"StopPodSandbox {sandbox.id[:12]}", lambda: runtime.StopPodSandbox(
+            api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox.id), timeout=120))
+        attempt(f"RemovePodSandbox {sandbox.id[:12]}", lambda: runtime.RemovePodSandbox(
+            api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox.id), timeout=120))
     for image in images.ListImages(api_pb2.ListImagesRequest(), timeout=30).images:
         if keep is None or (keep.image not in image.repo_tags and image.id not in kept_image_ids):
-            try:
-                images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=image.id)), timeout=60)
-            except grpc.RpcError as error:
-                # Mid-run, the anchor may hold it under another name; at the end nothing may.
-                if keep is None or error.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
+            attempt(f"RemoveImage {image.id[:19]}", lambda: images.RemoveImage(
+                api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=image.id)), timeout=60))
+    return failures
 
 
 def services_running(stack: Stack) -> dict[str, int]:
@@ -162,7 +179,9 @@ def fuzz(stack: Stack, anchors: Anchors, calls: int, seed: int, budget_s: float 
                     if code in BAD_CODES:
                         report.bad.append((method.name, code, details[:300], short_repr(request)))
                 report.calls += len(batch)
-                sweep(stack, keep=anchors)
+                if report.calls % 1000 < SWEEP_EVERY:
+                    print(f"  fuzz: {report.calls} calls in {time.monotonic() - started:.0f}s", flush=True)
+                report.cleanup_failures += sweep(stack, keep=anchors, strict=False)
                 restore_anchors(stack, anchors)
     finally:
         channel.close()

@@ -31,7 +31,7 @@ def test_fuzzed_requests_stay_on_the_test_registry_and_scratch_dir(tmp_path) -> 
     for _ in range(400):
         for request_type in ("PullImage", "CreateContainer", "RunPodSandbox"):
             request = fuzzer.request(next(m for m in METHODS if m.name == request_type))
-            if request_type == "PullImage" and request.HasField("image"):
+            if request_type == "PullImage" and request.image.image:
                 assert request.image.image.startswith("127.0.0.1:1/")
             if request_type == "CreateContainer":
                 assert all(m.host_path.startswith(str(tmp_path)) or not m.host_path.startswith("/")
