@@ -54,6 +54,9 @@ class Anchors:
     registry_host: str
     scratch: Path
     cgroup_parent: str
+    # Where set, StopContainer / ExecSync timeouts above it are cut to it: on a
+    # shared stack a stop that waits for hours blocks later calls on that container.
+    max_wait_s: int | None = None
     pod_sandbox_id: str = ""
     container_id: str = ""
     pod_config: api_pb2.PodSandboxConfig = field(default_factory=api_pb2.PodSandboxConfig)
@@ -215,6 +218,9 @@ class CriFuzzer:
             if descriptor.cpp_type != FieldDescriptor.CPPTYPE_STRING or descriptor.label == FieldDescriptor.LABEL_REPEATED:
                 if message.DESCRIPTOR.name == "PortMapping" and descriptor.name == "host_port" and 0 < value <= 65535:
                     message.host_port = free_port()
+                if (anchors.max_wait_s is not None and descriptor.name == "timeout" and value > anchors.max_wait_s
+                        and message.DESCRIPTOR.name in ("StopContainerRequest", "ExecSyncRequest")):
+                    message.timeout = anchors.max_wait_s
                 continue
             owner, name = message.DESCRIPTOR.name, descriptor.name
             if owner == "ImageSpec" and name == "image" and value != anchors.image:

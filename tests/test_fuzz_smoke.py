@@ -43,6 +43,7 @@ def test_fuzzed_requests_stay_on_the_test_registry_and_scratch_dir(tmp_path) -> 
 def test_fuzzed_calls_answer_no_internal_and_leave_services_up(stack: Stack, pulled_busybox: PushedImage) -> None:
     pids_before = services_running(stack)
     anchors = make_anchors(stack, pulled_busybox.reference, registry_host=pulled_busybox.reference.split("/", 1)[0])
+    anchors.max_wait_s = 5
     try:
         report = fuzz(stack, anchors, CALLS, SEED, budget_s=600)
     finally:
