@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ class FakeSystemd:
     # Where a started slice gets its cgroup directory, as systemd makes it (None: nowhere).
     cgroup_root: Path | None = None
 
+BUS_START_SECONDS = 30.0
+
 
 def available() -> bool:
     return shutil.which("dbus-daemon") is not None
@@ -61,7 +64,8 @@ class FakeSystemdBus:
         ready = threading.Event()
         self.thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
         self.thread.start()
-        if not ready.wait(10):
+        # A busy machine may take seconds to start dbus-daemon.
+        if not ready.wait(BUS_START_SECONDS + 10):
             self.__exit__()
             raise RuntimeError("the fake systemd did not get onto the bus")
         return self.state
@@ -75,9 +79,8 @@ class FakeSystemdBus:
             self.daemon.wait(5)
 
     def _serve(self, ready: threading.Event) -> None:
-        for _ in range(100):
-            if self.socket.exists():
-                break
+        deadline = time.monotonic() + BUS_START_SECONDS
+        while not self.socket.exists() and time.monotonic() < deadline:
             self.stopping.wait(0.05)
         connection = open_dbus_connection(bus=self.state.address)
         connection.send_and_get_reply(message_bus.RequestName(MANAGER.bus_name), timeout=5)

@@ -58,7 +58,10 @@ class Kubelet:
             "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
             "authorization": {"mode": "AlwaysAllow"},
             "featureGates": feature_gates,
-            "localStorageCapacityIsolation": False,
+            # With CRI stats the kubelet has cadvisor collect filesystem usage only when
+            # this is on; off, the root cgroup has no filesystems and /stats/summary
+            # answers 500 "failed to get rootFs info: cannot find filesystem info".
+            "localStorageCapacityIsolation": True,
             "syncFrequency": "10s",
         }
         self.config_path = self.root / "kubelet.json"

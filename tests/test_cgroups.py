@@ -208,6 +208,12 @@ def test_container_cgroups_paths_of_each_driver(tmp_path: Path) -> None:
     # A cgroupfs-style parent is converted, as CRI allows and as the kubelet converts its own.
     assert with_systemd.container_cgroups_path("/kubepods/burstable/pod-1", "abc") == "kubepods-burstable-pod_1.slice:pyrio:abc"
     assert with_systemd.parent_cgroup("/kubepods/besteffort") == "/kubepods.slice/kubepods-besteffort.slice"
+    # The kubelet's systemd driver sends the slice's expanded path: its last part is the slice.
+    kubelet_parent = "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice"
+    assert with_systemd.container_cgroups_path(kubelet_parent, "abc") == "kubepods-besteffort-pod1.slice:pyrio:abc"
+    assert with_systemd.parent_cgroup(kubelet_parent) == kubelet_parent
+    with pytest.raises(InvalidArgument, match="is not the path of slice"):
+        with_systemd.container_cgroups_path("/other.slice/kubepods-besteffort-pod1.slice", "abc")
     with pytest.raises(InvalidArgument, match="neither a systemd slice name"):
         with_systemd.container_cgroups_path("kubepods", "abc")
     with pytest.raises(InvalidArgument, match="not a valid slice name"):

@@ -39,10 +39,18 @@ def expand_slice(slice_name: str) -> str:
 def slice_of(parent: str) -> str:
     """A pod's cgroup parent as a slice name. CRI says a runtime may convert the cgroupfs syntax
     to systemd's: "/kubepods/burstable/pod1" -> "kubepods-burstable-pod1.slice", a '-' inside a
-    part becoming '_', as the kubelet's own conversion does. A slice name stays as it is."""
+    part becoming '_', as the kubelet's own conversion does. A slice name stays as it is, and so
+    does the expanded path of one, which is what the kubelet's systemd driver sends
+    ("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice"): its last part
+    is the slice (as CRI-O takes it), once the path is checked to be that slice's own."""
     if parent.endswith(SLICE_SUFFIX):
-        expand_slice(parent)
-        return parent
+        slice_name = parent.rstrip("/").rsplit("/", 1)[-1]
+        expanded = expand_slice(slice_name)
+        if "/" in parent and "/" + parent.strip("/") != expanded:
+            raise InvalidArgument(
+                f"cgroup parent {parent!r} is not the path of slice {slice_name!r}, which is {expanded!r}"
+            )
+        return slice_name
     if not parent.startswith("/"):
         raise InvalidArgument(
             f"cgroup parent {parent!r} is neither a systemd slice name (kubepods-burstable-pod<uid>.slice) "
