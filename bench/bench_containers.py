@@ -15,22 +15,18 @@ On a private stack with a private test registry holding the busybox image.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from cri_api.v1 import api_pb2
 
 from bench.proc_stats import children_of, pss_kib, rollup_kib
+from bench.stacks import busybox_stack
 from bench.timing import p95, timed
-from tests.fixtures_images import start_registry
 from tests.fixtures_pods import pod_config
-from tests.harness import SERVICES, Stack
-from tests.oci_images import push_busybox
+from tests.harness import SERVICES
 
 SEQUENTIAL_PODS = 30
 CONCURRENT_PODS = 20
@@ -58,14 +54,8 @@ def start_sleeping_pod(runtime: Any, image: str, log_directory: str, command: li
 
 
 def run() -> dict[str, float | str]:
-    workdir = Path(tempfile.mkdtemp(prefix="pyrio-bench-registry-"))
-    registry = start_registry(workdir, workdir / "storage", "bench")
-    stack = Stack()
-    try:
-        image = push_busybox(registry, "bench/busybox", "latest").reference
-        stack.start()
+    with busybox_stack() as (stack, image):
         runtime = stack.runtime
-        stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
         log_dir = stack.root / "pod-logs"
 
         def start_pod(index: int) -> tuple[float, tuple[str, str]]:
@@ -147,7 +137,3 @@ def run() -> dict[str, float | str]:
         if zygotes:
             figures["shim_zygote_pss_kib"] = pss_kib(zygotes[0])
         return figures
-    finally:
-        stack.stop()
-        registry.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
