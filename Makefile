@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 
 # Debian packages the runtime needs on a node, and those the tests add.
 RUN_PACKAGES := runc crun containernetworking-plugins iproute2 iptables busybox-static util-linux python3-venv
-TEST_PACKAGES := docker-registry apache2-utils openssl dbus-daemon
+TEST_PACKAGES := docker-registry apache2-utils openssl dbus-daemon gcc libc6-dev
 
 export PYRIO_CONFIG ?= /etc/pyrio/pyrio.toml
 export PYRIO_PYTHON ?= $(PYTHON)
