@@ -127,3 +127,31 @@ def test_huge_timeouts_are_clamped(containers: Containers, sleeper: str) -> None
     containers.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=sleeper, timeout=huge), timeout=60)
     status = containers.wait_state(sleeper, CONTAINER_EXITED)
     assert status.exit_code == 7
+
+
+def test_a_shorter_stop_cuts_a_long_grace_period_short(containers: Containers) -> None:
+    """A stop waiting out a long grace period does not hold the container:
+    a later stop with timeout 0 (or RemoveContainer) kills it at once, and
+    both calls return."""
+    import threading
+    import time
+
+    stubborn = containers.run(command=["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"])
+    first: dict[str, object] = {}
+
+    def long_stop() -> None:
+        try:
+            containers.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=stubborn, timeout=3600), timeout=120)
+            first["ok"] = True
+        except grpc.RpcError as exc:
+            first["error"] = exc.code()
+
+    waiter = threading.Thread(target=long_stop)
+    waiter.start()
+    time.sleep(1.0)  # the first stop is now waiting out its hour
+    containers.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=stubborn, timeout=0), timeout=60)
+    status = containers.wait_state(stubborn, CONTAINER_EXITED)
+    assert status.exit_code == 137
+    waiter.join(60)
+    assert not waiter.is_alive() and first == {"ok": True}, first
+    containers.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=stubborn), timeout=60)

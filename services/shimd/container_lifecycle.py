@@ -324,15 +324,20 @@ class ContainerLifecycle:
             state, _ = self.store.state(record)
             if state == EXITED or record.get("phase") != PHASE_CREATED:
                 return
-            request = {"op": "stop", "signal": record.get("stop_signal", int(signal.SIGTERM)), "timeout": timeout}
-            try:
-                shim_request(self.store.control_socket(record["id"]), request, timeout + STOP_MARGIN_SECONDS)
-                return
-            except Unavailable:
-                pass
-            # No shim (killed), yet the container lives: signal it ourselves.
-            if self.store.init_alive(record):
-                self._stop_without_shim(record, timeout)
+        # The grace period is waited out without the container's lock: a later
+        # stop with a shorter timeout (the kubelet's forced delete, or
+        # RemoveContainer's kill) must cut it short, as in CRI-O, not queue
+        # behind it. The shim answers every stop waiting when the container exits.
+        request = {"op": "stop", "signal": record.get("stop_signal", int(signal.SIGTERM)), "timeout": timeout}
+        try:
+            shim_request(self.store.control_socket(record["id"]), request, timeout + STOP_MARGIN_SECONDS)
+            return
+        except Unavailable:
+            pass
+        # No shim (killed), yet the container lives: signal it ourselves.
+        if self.store.init_alive(record):
+            self._stop_without_shim(record, timeout)
+        with self.store.lock_for(record["id"]):
             self.store.state(record)  # records the exit the shim could not
 
     def _stop_without_shim(self, record: dict[str, Any], timeout: float) -> None:
