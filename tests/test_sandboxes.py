@@ -54,7 +54,10 @@ class Listener:
         command = ["nsenter", f"--net={netns}", BUSYBOX, "nc", "-l", "-p", str(port)]
         if reply:
             command = ["nsenter", f"--net={netns}", BUSYBOX, "sh", "-c", f"echo {reply} | {BUSYBOX} nc -l -p {port}"]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # stdin is a pipe held open: at EOF on stdin busybox nc ends the
+        # connection, and on a busy machine that raced the peer's data.
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
         wait_until(
             # busybox nc listens on :: when IPv6 is there, so look at both tables.
             lambda: f":{port:04X} " in in_netns(netns, "cat", "/proc/net/tcp", "/proc/net/tcp6").stdout,
@@ -63,8 +66,9 @@ class Listener:
         )
 
     def output(self) -> str:
-        out, _ = self.process.communicate(timeout=10)
-        return out
+        # It ends when the peer closes; stdin stays open until then.
+        self.process.wait(timeout=10)
+        return self.process.stdout.read() if self.process.stdout else ""
 
     def close(self) -> None:
         if self.process.poll() is None:
