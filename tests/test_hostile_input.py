@@ -62,6 +62,16 @@ def test_overlong_pod_names_refused(stack: Stack, pods: Pods, field: str, length
     assert f"metadata.{field} is {length} characters long" in error.details()
 
 
+@pytest.mark.parametrize("field, value", [("uid", "a\x00b"), ("namespace", "id\x00"), ("name", "a\nb")])
+def test_control_characters_in_pod_names_refused(stack: Stack, pods: Pods, field: str, value: str) -> None:
+    """The fuzz bench's NUL in a pod's uid reached CNI's arguments and came back INTERNAL."""
+    config = pod_config()
+    setattr(config.metadata, field, value)
+    error = rpc_error(pods.run, config)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert f"metadata.{field} contains a control character" in error.details()
+
+
 def test_longest_names_kubernetes_allows_are_accepted(stack: Stack, pods: Pods) -> None:
     config = pod_config(name="p" * 253, namespace="n" * 63)
     sandbox_id = pods.run(config)

@@ -11,8 +11,9 @@ an error (issue 15 item 11). The limits are what the CRI and Kubernetes need:
   the API server validates them;
 - an image reference: 1024, above a name's 255 plus a 128-character tag and
   a sha512 digest.
-Only the length is checked here: the characters of a name are the API
-server's business, and crictl users may use others.
+Only the length and the absence of control characters are checked here: the
+other characters of a name are the API server's business, and crictl users
+may use others.
 """
 
 from __future__ import annotations
@@ -66,3 +67,7 @@ def _check(message: Message, path: str) -> None:
             raise InvalidArgument(
                 f"{path}.{field.name} is {len(value)} characters long; at most {limit} are accepted"
             )
+        # A NUL or a line break in an id or a name reaches file names, CNI
+        # arguments and log lines, where it cannot be represented.
+        if limit is not None and any(ord(char) < 0x20 or char == "\x7f" for char in value):
+            raise InvalidArgument(f"{path}.{field.name} contains a control character (NUL, line break, ...)")
