@@ -177,3 +177,16 @@ def test_update_container_resources_checks_values_before_the_runtime(containers:
                 api_pb2.UpdateContainerResourcesRequest(container_id=container_id, linux=resources), timeout=20)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and named in caught.value.details()
     assert containers.status(container_id).status.resources.linux.cpu_shares == 512  # unchanged
+
+
+def test_command_missing_from_the_image_is_failed_precondition_and_leaves_nothing(containers: Containers) -> None:
+    """runc cannot exec it: the image's fault, not the runtime's (the fuzz bench saw INTERNAL)."""
+    pod = containers.pod()
+    before = _container_cgroups(containers.stack.cgroup_parent)
+    with pytest.raises(grpc.RpcError) as caught:
+        containers.create(pod, containers.config("missing", command=["no-such-command-in-busybox"]))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
+    assert "cannot be run" in caught.value.details() and "no-such-command-in-busybox" in caught.value.details()
+    listed = containers.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=20).containers
+    assert not [container for container in listed if container.pod_sandbox_id == pod[0]]
+    assert _container_cgroups(containers.stack.cgroup_parent) == before

@@ -17,6 +17,10 @@ from common.errors import DeadlineExceeded, FailedPrecondition, Internal, Invali
 from services.shimd import keeper
 from services.shimd.zygote import MAX_SPEC_BYTES, SPEC_ADOPT, SPEC_CREATE
 
+# How runc reports that the container's own process could not be
+# executed, as opposed to a failure of the runtime itself.
+EXEC_FAILURE = "unable to start container process: exec:"
+
 # How long a spawned shim may take to pick its spec up from the zygote's
 # socket (see services/shimd/zygote.py); after that it drops it.
 SHIM_PICKUP_SECONDS = 10.0
@@ -155,7 +159,12 @@ def spawn_shim(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
                 answer.update(message)
                 if "ok" in message:
                     if not message["ok"]:
-                        raise Internal(f"creating the container failed: {message.get('error')}")
+                        error = str(message.get("error"))
+                        if EXEC_FAILURE in error:
+                            # The runtime is fine; the image cannot run the
+                            # command it was asked to (missing, not executable).
+                            raise FailedPrecondition(f"the container's command cannot be run: {error}")
+                        raise Internal(f"creating the container failed: {error}")
                     return answer
     finally:
         os.close(read_fd)
