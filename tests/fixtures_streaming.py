@@ -203,3 +203,15 @@ def local_streaming(streaming_target: StreamingTarget) -> Iterator[LocalStreamin
         yield streaming
     finally:
         streaming.server.stop()
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(cert, key) of a throwaway self-signed certificate for 127.0.0.1, made with openssl."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

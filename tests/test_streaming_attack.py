@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import time
 from urllib.parse import urlsplit
 
@@ -15,7 +14,7 @@ from cri_api.v1 import api_pb2
 
 from common.config import StreamingSection
 from tests.fixtures_containers import Containers
-from tests.fixtures_streaming import start_local_streaming
+from tests.fixtures_streaming import self_signed_certificate, start_local_streaming
 from tests.harness import wait_until
 from tests.slowloris import Slowloris, process_usage
 from tests.streaming_client import PortForwardSession, spdy_exec
@@ -97,13 +96,7 @@ def test_head_deadline_covers_tls_handshake_and_oldest_waiting_is_evicted(stream
     """The mechanism in small: a connection that never starts its TLS
     handshake is closed at the head deadline; past the cap of waiting
     connections the longest-waiting one goes; a real client gets through."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path)
     streaming = start_local_streaming(
         streaming_target, tls_cert_file=str(cert), tls_key_file=str(key), request_head_timeout=2.0, max_pending_connections=3
     )

@@ -135,18 +135,10 @@ def test_http_request_without_upgrade_gets_an_answer_not_a_hang(local_streaming:
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificate")
 def test_tls_streaming(streaming_target, tmp_path) -> None:
-    import subprocess
-
-    from tests.fixtures_streaming import start_local_streaming
+    from tests.fixtures_streaming import self_signed_certificate, start_local_streaming
     from tests.streaming_client import spdy_exec
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path)
     streaming = start_local_streaming(streaming_target, tls_cert_file=str(cert), tls_key_file=str(key))
     try:
         url = streaming.exec_url(["cat"], stdin=True)
