@@ -7,7 +7,8 @@ each. At every step the bench measures, over CRI:
 - Version, ListPodSandbox and ListContainers (all, and by id, state and
   label), ListContainerStats, ListPodSandboxStats, ListPodSandboxMetrics,
   PodSandboxStatus and ContainerStatus: median milliseconds per call;
-- the daemons' CPU per relist call (ListPodSandbox, ListContainers);
+- the daemons' CPU per relist and stats call (less moved by other load than
+  wall time);
 - RunPodSandbox + CreateContainer + StartContainer of one more pod, and
   StopPodSandbox + RemovePodSandbox of it (median of CHURN_PODS);
 - the daemons' PSS, per process and in all, and memory per pod: everything of
@@ -37,14 +38,14 @@ import re
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from cri_api.v1 import api_pb2
 
 from bench.compare_runtimes import Pyrio
 from bench.compare_workload import LIST_CALLS, RAMP_WORKERS, STATS_CALLS, Pods, median_ms, memory_figures, relist_figures
-from bench.proc_stats import total_pss_kib
+from bench.proc_stats import total_cpu_seconds, total_pss_kib
 from bench.stacks import busybox_stack
 from bench.timing import timed
 
@@ -53,6 +54,16 @@ CHURN_PODS = 5
 IDLE_SETTLE_SECONDS = 3  # past an idle daemon's heap trim
 MEMORY_PER_POD_LIMIT_MIB = 0.7
 MEMORY_PER_POD = "memory per pod MiB (shims, pod processes, daemon growth)"
+
+
+def daemon_cpu_ms(rt: Pyrio, call: Callable[[], Any], count: int) -> float:
+    """The daemons' CPU per call: unlike wall time, barely moved by the load
+    other processes put on the machine."""
+    daemons = rt.daemon_pids()
+    before = total_cpu_seconds(daemons)
+    for _ in range(count):
+        call()
+    return round((total_cpu_seconds(daemons) - before) * 1000 / count, 2)
 
 
 def status_figures(rt: Pyrio, pods: Pods) -> dict[str, float]:
@@ -64,12 +75,19 @@ def status_figures(rt: Pyrio, pods: Pods) -> dict[str, float]:
         "ContainerStatus": median_ms(lambda: runtime.ContainerStatus(
             api_pb2.ContainerStatusRequest(container_id=container_id), timeout=10), LIST_CALLS),
     }
-    try:
-        figures["ListPodSandboxMetrics"] = median_ms(lambda: runtime.ListPodSandboxMetrics(
-            api_pb2.ListPodSandboxMetricsRequest(), timeout=30), STATS_CALLS)
-    except grpc.RpcError as error:
-        if error.code() != grpc.StatusCode.UNIMPLEMENTED:
-            raise
+    stats_calls: dict[str, Callable[[], Any]] = {
+        "ListContainerStats": lambda: runtime.ListContainerStats(api_pb2.ListContainerStatsRequest(), timeout=60),
+        "ListPodSandboxStats": lambda: runtime.ListPodSandboxStats(api_pb2.ListPodSandboxStatsRequest(), timeout=60),
+        "ListPodSandboxMetrics": lambda: runtime.ListPodSandboxMetrics(api_pb2.ListPodSandboxMetricsRequest(), timeout=60),
+    }
+    for name, call in stats_calls.items():
+        try:
+            if name == "ListPodSandboxMetrics":  # relist_figures has the other two's wall time
+                figures[name] = median_ms(call, STATS_CALLS)
+            figures[f"{name} CPU ms per call"] = daemon_cpu_ms(rt, call, STATS_CALLS)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
     return figures
 
 
@@ -91,7 +109,8 @@ def step_figures(rt: Pyrio, pods: Pods, daemons_before_kib: int) -> dict[str, fl
     figures.update(relist_figures(rt, pods))
     figures.update(status_figures(rt, pods))
     figures.update(churn_figures(pods))
-    time.sleep(1)
+    # Past the daemons' idle heap trim, as the idle figure it is compared with.
+    time.sleep(IDLE_SETTLE_SECONDS)
     figures.update(memory_figures(rt, pods, daemons_before_kib))
     # The same figure at every step under one name.
     return {re.sub(r" at \d+ pods", "", key): value for key, value in figures.items()}
