@@ -115,6 +115,15 @@ def test_pyrio_status_shows_uptime_restarts_in_flight_and_recent_errors(stack: S
     assert errors["crigw"] >= 1 and errors["shimd"] >= 1  # the NOT_FOUND above, seen by both
 
 
+def test_pyrio_status_reads_crigws_own_figures_from_its_metrics(stack: Stack) -> None:
+    from common.config import load_config
+    from pyrio.cli import gateway_figures
+
+    figures = gateway_figures(load_config(str(stack.config_path)))
+    assert set(figures) == {"uptime", "restarts", "in_flight", "errors_1m"}, figures
+    assert figures["uptime"] > 0 and figures["restarts"] >= 0 and figures["in_flight"] >= 0
+
+
 def test_metrics_over_tls_when_a_certificate_is_configured(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import ssl
     import subprocess
