@@ -20,7 +20,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from cri_api.v1 import api_pb2
 
@@ -81,23 +82,42 @@ def format_table(results: dict[str, list[dict[str, float]]]) -> list[tuple[str, 
     return rows
 
 
-def run() -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="pyrio-bench-compare-", dir="/tmp"))
-    registry = start_registry(workdir, workdir / "storage", "compare")
+@contextmanager
+def both_runtimes(label: str, on_started: Callable[[CriRuntime], None] | None = None) -> Iterator[tuple[Any, str, list[CriRuntime]]]:
+    """A local registry with busybox and the pause image, and containerd and
+    pyrio started and holding both images: (registry, busybox reference,
+    runtimes). on_started sees each runtime before its first pull. Everything
+    is stopped and removed on leaving."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"pyrio-bench-{label}-", dir="/tmp"))
+    registry = start_registry(workdir, workdir / "storage", label)
     runtimes: list[CriRuntime] = []
-    results: dict[str, list[dict[str, float]]] = {"containerd": [], "pyrio": []}
     try:
         image = push_busybox(registry, "bench/busybox", "latest").reference
         pause = push_pause(registry)
         runtimes = [Containerd(registry.host, pause), Pyrio()]
         for rt in runtimes:
             rt.start()
-            time.sleep(IDLE_SETTLE_SECONDS)
-            idle = idle_figures(rt)
+            if on_started is not None:
+                on_started(rt)
             pull(rt, image)
             if isinstance(rt, Containerd):
                 pull(rt, pause)
-            results[rt.name].append(idle)
+        yield registry, image, runtimes
+    finally:
+        for rt in runtimes:
+            rt.stop()
+        registry.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run() -> dict[str, Any]:
+    results: dict[str, list[dict[str, float]]] = {"containerd": [], "pyrio": []}
+
+    def record_idle(rt: CriRuntime) -> None:
+        time.sleep(IDLE_SETTLE_SECONDS)
+        results[rt.name].append(idle_figures(rt))
+
+    with both_runtimes("compare", record_idle) as (registry, image, runtimes):
         for round_index in range(ROUNDS):
             reference = push_pull_image(registry, round_index)
             order = runtimes if round_index % 2 == 0 else list(reversed(runtimes))
@@ -111,11 +131,6 @@ def run() -> dict[str, Any]:
             for name, pid in rt.service_pids().items():
                 after[f"  after all rounds: {name} PSS MiB"] = round(pss_kib(pid) / 1024, 1)
             results[rt.name].append(after)
-    finally:
-        for rt in runtimes:
-            rt.stop()
-        registry.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     figures: dict[str, Any] = {"rounds": ROUNDS, "pods at scale": PODS}
     for key, text in format_table(results):
         figures[key] = text

@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from cri_api.v1 import api_pb2
 
@@ -16,17 +16,25 @@ from tests.oci_images import push_busybox
 
 
 @contextmanager
-def busybox_stack() -> Iterator[tuple[Stack, str]]:
-    """(a started Stack, the reference of busybox pulled into it), both removed after."""
+def local_registry() -> Iterator[tuple[Any, str]]:
+    """(a local registry, the reference of busybox pushed to it), removed after."""
     workdir = Path(tempfile.mkdtemp(prefix="pyrio-bench-registry-"))
     registry = start_registry(workdir, workdir / "storage", "bench")
-    stack = Stack()
     try:
-        image = push_busybox(registry, "bench/busybox", "latest").reference
-        stack.start()
-        stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
-        yield stack, image
+        yield registry, push_busybox(registry, "bench/busybox", "latest").reference
     finally:
-        stack.stop()
         registry.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def busybox_stack() -> Iterator[tuple[Stack, str]]:
+    """(a started Stack, the reference of busybox pulled into it), both removed after."""
+    with local_registry() as (_registry, image):
+        stack = Stack()
+        try:
+            stack.start()
+            stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
+            yield stack, image
+        finally:
+            stack.stop()

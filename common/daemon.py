@@ -6,7 +6,6 @@ RPC methods on the server, and `run_service` serves them until SIGTERM.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -28,10 +27,29 @@ class Service(Protocol):
         """Release resources on shutdown (never touch running containers)."""
 
 
-def parse_args(service: str, argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"pyrio-{service}")
-    parser.add_argument("--config", help="path of pyrio.toml (default: $PYRIO_CONFIG or /etc/pyrio/pyrio.toml)")
-    return parser.parse_args(argv)
+USAGE = "usage: pyrio-{service} [--config PATH]"
+
+
+def parse_args(service: str, argv: list[str] | None = None) -> str | None:
+    """The --config path given, or None (then $PYRIO_CONFIG or /etc/pyrio/pyrio.toml).
+
+    Parsed by hand: argparse costs every daemon about 400 KiB for one option."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    config_path: str | None = None
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(USAGE.format(service=service) + "\n\n  --config PATH  path of pyrio.toml"
+                  " (default: $PYRIO_CONFIG or /etc/pyrio/pyrio.toml)")
+            sys.exit(0)
+        if arg == "--config" and args:
+            config_path = args.pop(0)
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        else:
+            print(f"{USAGE.format(service=service)}\npyrio-{service}: error: unexpected argument {arg!r}", file=sys.stderr)
+            sys.exit(2)
+    return config_path
 
 
 def client_for(config: Config, service: str, timeout: float | None = None) -> RpcClient:
@@ -41,9 +59,9 @@ def client_for(config: Config, service: str, timeout: float | None = None) -> Rp
 
 def start_process(service: str, argv: list[str] | None = None) -> tuple[Config, logging.Logger]:
     """Parse arguments, load the config (or exit naming the bad key), set up logs."""
-    args = parse_args(service, argv)
+    config_path = parse_args(service, argv)
     try:
-        config = load_config(args.config)
+        config = load_config(config_path)
     except ConfigError as exc:
         print(f"pyrio-{service}: refusing to start: {exc}", file=sys.stderr)
         # supervisord retries a failed start a few times, then marks it FATAL:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from common import state
 from common.config import Config
@@ -167,7 +166,7 @@ class EventSubscriber:
             while not self._stop.is_set():
                 ready = dict(poller.poll(int(HEARTBEAT_SECONDS * 1000)))
                 if monitor in ready:
-                    recv_monitor_message(monitor)
+                    monitor.recv_multipart()
                     # Take what arrived before the disconnect first.
                     while sub.poll(0):
                         self._receive(unpack(sub.recv(zmq.NOBLOCK)))

@@ -127,7 +127,7 @@ class CriFuzzer:
                     entries[key] = self.scalar(value_field)
                 elif depth < 4:
                     self.fill(entries[key], depth + 1)
-        elif descriptor.label == FieldDescriptor.LABEL_REPEATED:
+        elif descriptor.is_repeated:
             items = getattr(message, descriptor.name)
             for _ in range(count):
                 if descriptor.message_type is None:
@@ -179,7 +179,7 @@ class CriFuzzer:
             for descriptor in node.DESCRIPTOR.fields:
                 spots.append((node, descriptor, depth))
                 if descriptor.message_type is not None and not _is_map(descriptor) and depth < 5:
-                    if descriptor.label == FieldDescriptor.LABEL_REPEATED:
+                    if descriptor.is_repeated:
                         for item in getattr(node, descriptor.name):
                             walk(item, depth + 1)
                     elif node.HasField(descriptor.name):
@@ -192,7 +192,7 @@ class CriFuzzer:
         if self.rng.random() < 0.15:
             node.ClearField(descriptor.name)
         else:
-            if descriptor.label == FieldDescriptor.LABEL_REPEATED and self.rng.random() < 0.5:
+            if descriptor.is_repeated and self.rng.random() < 0.5:
                 node.ClearField(descriptor.name)
             self.set_field(node, descriptor, depth)
 
@@ -212,10 +212,10 @@ class CriFuzzer:
         anchors = self.anchors
         for descriptor, value in list(message.ListFields()):
             if descriptor.message_type is not None and not _is_map(descriptor):
-                for child in (value if descriptor.label == FieldDescriptor.LABEL_REPEATED else [value]):
+                for child in (value if descriptor.is_repeated else [value]):
                     self._confine(child)
                 continue
-            if descriptor.cpp_type != FieldDescriptor.CPPTYPE_STRING or descriptor.label == FieldDescriptor.LABEL_REPEATED:
+            if descriptor.cpp_type != FieldDescriptor.CPPTYPE_STRING or descriptor.is_repeated:
                 if message.DESCRIPTOR.name == "PortMapping" and descriptor.name == "host_port" and 0 < value <= 65535:
                     message.host_port = free_port()
                 if (anchors.max_wait_s is not None and descriptor.name == "timeout" and value > anchors.max_wait_s

@@ -29,6 +29,8 @@ CONTAINER_CREATED, CONTAINER_RUNNING, CONTAINER_EXITED = api_pb2.CONTAINER_CREAT
 
 @dataclass
 class TestImages:
+    __test__ = False  # a fixture's value, not a test class for pytest to collect
+
     busybox: PushedImage
     entrypoint: PushedImage  # Entrypoint ["echo", "ep"], Cmd ["from-cmd"]
     env_user: PushedImage  # Env FROM_IMAGE/OVERRIDE, User "app", WorkingDir /home/app, StopSignal SIGUSR1, Volume /data

@@ -155,3 +155,78 @@ def test_a_shorter_stop_cuts_a_long_grace_period_short(containers: Containers) -
     waiter.join(60)
     assert not waiter.is_alive() and first == {"ok": True}, first
     containers.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=stubborn), timeout=60)
+
+
+def test_a_slow_exec_does_not_hold_up_the_shim(containers: Containers, sleeper: str) -> None:
+    """The shim serves an exec's pipes from its poll loop: while one exec
+    runs, others, status and the container's own supervision go on."""
+    import threading
+
+    slow: dict[str, object] = {}
+
+    def slow_exec() -> None:
+        slow["reply"] = containers.exec(sleeper, "sh", "-c", "sleep 3; echo slow; echo late >&2; exit 3", timeout=30)
+
+    runner = threading.Thread(target=slow_exec)
+    runner.start()
+    try:
+        for index in range(3):
+            reply = containers.exec(sleeper, "sh", "-c", f"echo fast-{index}")
+            assert (reply.stdout, reply.exit_code) == (f"fast-{index}\n".encode(), 0)
+        assert runner.is_alive(), "the fast execs waited for the slow one"
+    finally:
+        runner.join(60)
+    reply = slow["reply"]
+    assert (reply.stdout, reply.stderr, reply.exit_code) == (b"slow\n", b"late\n", 3)
+
+
+def test_an_exec_outliving_its_container_is_ended_and_answered(containers: Containers) -> None:
+    """In a pod-wide PID namespace an exec'd process survives its container's
+    init: the shim kills it and answers instead of waiting for it (here,
+    with no exec timeout, that would be forever)."""
+    import threading
+
+    pod = containers.pod(pid_mode=api_pb2.POD)
+    pod_ns = api_pb2.LinuxContainerConfig()
+    pod_ns.security_context.namespace_options.pid = api_pb2.POD
+    container_id = containers.run(pod, "short-lived", command=["sleep", "300"], linux=pod_ns)
+    outcome: dict[str, object] = {}
+
+    def endless_exec() -> None:
+        try:
+            outcome["reply"] = containers.runtime.ExecSync(
+                api_pb2.ExecSyncRequest(container_id=container_id, cmd=["sleep", "2911"], timeout=0), timeout=120)
+        except grpc.RpcError as exc:
+            outcome["code"] = exc.code()
+
+    runner = threading.Thread(target=endless_exec)
+    runner.start()
+    try:
+        assert wait_for_process(containers, container_id, b"sleep\x002911")
+        containers.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=container_id, timeout=0), timeout=60)
+        containers.wait_state(container_id, CONTAINER_EXITED)
+    finally:
+        runner.join(90)
+    assert not runner.is_alive()
+    # Killed with the container (137), or answered as not running.
+    assert outcome.get("code") == grpc.StatusCode.FAILED_PRECONDITION or outcome["reply"].exit_code == 137, outcome
+    assert not any(cmdline_of(pid) == b"sleep\x002911\x00" for pid in os.listdir("/proc") if pid.isdigit())
+
+
+def cmdline_of(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def wait_for_process(containers: Containers, container_id: str, cmdline: bytes) -> bool:
+    """A process with this command line runs on the node."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any(cmdline_of(pid).startswith(cmdline) for pid in os.listdir("/proc") if pid.isdigit()):
+            return True
+        time.sleep(0.1)
+    return False

@@ -12,15 +12,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from jeepney import DBusAddress, DBusErrorResponse, MatchRule, new_method_call
-from jeepney.bus_messages import message_bus
-from jeepney.io.blocking import open_dbus_connection
-from jeepney.wrappers import unwrap_msg
-
 from common.errors import FailedPrecondition, Internal
 
-SYSTEMD = DBusAddress("/org/freedesktop/systemd1", bus_name="org.freedesktop.systemd1",
-                      interface="org.freedesktop.systemd1.Manager")
+# jeepney is imported by the calls themselves: only a node on the systemd
+# cgroup driver needs it, and it costs every daemon that imports this module
+# about 300 KiB.
+SYSTEMD_OBJECT_PATH = "/org/freedesktop/systemd1"
+SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
+SYSTEMD_INTERFACE = "org.freedesktop.systemd1.Manager"
 JOB_TIMEOUT_SECONDS = 30.0
 SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
@@ -34,6 +33,11 @@ def systemd_booted() -> bool:
 
 
 def _call(method: str, signature: str, body: tuple, wait_job: bool = False) -> Any:
+    from jeepney import DBusAddress, MatchRule, new_method_call
+    from jeepney.bus_messages import message_bus
+    from jeepney.io.blocking import open_dbus_connection
+
+    systemd = DBusAddress(SYSTEMD_OBJECT_PATH, bus_name=SYSTEMD_BUS_NAME, interface=SYSTEMD_INTERFACE)
     try:
         connection = open_dbus_connection(bus="SYSTEM")
     except (OSError, ValueError, RuntimeError) as exc:
@@ -43,17 +47,17 @@ def _call(method: str, signature: str, body: tuple, wait_job: bool = False) -> A
         ) from None
     try:
         if not wait_job:
-            return _unwrap(connection.send_and_get_reply(new_method_call(SYSTEMD, method, signature, body),
+            return _unwrap(connection.send_and_get_reply(new_method_call(systemd, method, signature, body),
                                                          timeout=JOB_TIMEOUT_SECONDS), method, body)
         # Listen for JobRemoved before asking, so the signal cannot be missed.
-        bus_rule = MatchRule(type="signal", sender=SYSTEMD.bus_name, interface=SYSTEMD.interface,
-                             member="JobRemoved", path=SYSTEMD.object_path)
+        bus_rule = MatchRule(type="signal", sender=systemd.bus_name, interface=systemd.interface,
+                             member="JobRemoved", path=systemd.object_path)
         connection.send_and_get_reply(message_bus.AddMatch(bus_rule), timeout=JOB_TIMEOUT_SECONDS)
         # Locally the sender is systemd's unique name, not the well-known one: match without it.
-        local_rule = MatchRule(type="signal", interface=SYSTEMD.interface, member="JobRemoved",
-                               path=SYSTEMD.object_path)
+        local_rule = MatchRule(type="signal", interface=systemd.interface, member="JobRemoved",
+                               path=systemd.object_path)
         with connection.filter(local_rule, bufsize=64) as signals:
-            job = _unwrap(connection.send_and_get_reply(new_method_call(SYSTEMD, method, signature, body),
+            job = _unwrap(connection.send_and_get_reply(new_method_call(systemd, method, signature, body),
                                                         timeout=JOB_TIMEOUT_SECONDS), method, body)[0]
             while True:
                 try:
@@ -70,6 +74,9 @@ def _call(method: str, signature: str, body: tuple, wait_job: bool = False) -> A
 
 
 def _unwrap(reply: Any, method: str, body: tuple) -> Any:
+    from jeepney import DBusErrorResponse
+    from jeepney.wrappers import unwrap_msg
+
     try:
         return unwrap_msg(reply)
     except DBusErrorResponse as exc:

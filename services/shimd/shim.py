@@ -13,10 +13,11 @@ little as it can in its own process:
   time, OOM kill) atomically: it is the truth even if every service is down;
 - it answers one-line JSON requests on a unix socket (state, stop, kill,
   exec, reopen_log, resize) and serves the attach socket (SOCK_SEQPACKET,
-  see docs/ARCHITECTURE.md); an exec runs in a forked child;
+  see docs/ARCHITECTURE.md); an exec's runtime is spawned from the loop,
+  which reads its output (shim_exec.py);
 - it exits once the container has exited and its output is drained.
 The spec (JSON) is kept as bytes and decoded only when a rare path needs it
-(the exit, reopening the log, an exec's child).
+(the exit, reopening the log, the first exec).
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ class Shim(ShimControl, ShimExec, ShimExit):
         self.read_buffer: bytearray | None = None
         # Output was handled since the heap was last trimmed (see serve).
         self.output_since_trim = False
+        self.exec_jobs = {}
+        self.exec_fds = {}
+        self._exec_runtime = None
 
     def adopt_stdio(self) -> None:
         """The shim's own stdio from now on: nothing of shimd's or the zygote's."""
@@ -148,7 +152,7 @@ class Shim(ShimControl, ShimExec, ShimExit):
             if self.exited:
                 if not drain_until:
                     drain_until = time.monotonic() + DRAIN_SECONDS
-                if not self.outputs or time.monotonic() > drain_until:
+                if (not self.outputs and not self.exec_jobs) or time.monotonic() > drain_until:
                     break
             registered = self.register(poller)
             timeout = self.poll_timeout(drain_until)
@@ -169,8 +173,11 @@ class Shim(ShimControl, ShimExec, ShimExit):
                 except Exception as exc:  # the container's only supervisor must not end over one event
                     os.write(2, f"shim: handling fd {fd}: {type(exc).__name__}: {exc}\n".encode())
             self.check_stop_deadlines()
+            self.check_exec_deadlines()
             if self.exit_seen_at and not self.exited:
                 self.check_adopted_exit()
+        if self.exec_jobs:
+            self.end_execs()
         for fd in list(self.outputs):
             self.close_output(fd)
         self.finish()
@@ -183,6 +190,8 @@ class Shim(ShimControl, ShimExec, ShimExit):
         if not self.exited:
             entries.append((self.attach.fileno(), select.POLLIN))
         for fd in self.outputs:
+            entries.append((fd, select.POLLIN))
+        for fd in self.exec_fds:
             entries.append((fd, select.POLLIN))
         if self.oom_fd >= 0:
             entries.append((self.oom_fd, select.POLLPRI))
@@ -204,6 +213,7 @@ class Shim(ShimControl, ShimExec, ShimExit):
     def poll_timeout(self, drain_until: float) -> int:
         now = time.monotonic()
         deadlines = [waiter[1] for waiter in self.stop_waiters]
+        deadlines.extend(self.exec_deadlines())
         if self.exit_seen_at and not self.exited:
             deadlines.append(now + 0.01)  # the keeper's record is due any moment
         if drain_until:
@@ -227,6 +237,8 @@ class Shim(ShimControl, ShimExec, ShimExit):
             self.accept_control()
         elif fd == self.oom_fd:
             self.read_oom_events()
+        elif fd in self.exec_fds:
+            self.read_exec_output(fd)
         elif fd == self.attach.fileno():
             conn = accept(self.attach)
             conn.settimeout(ATTACH_SEND_TIMEOUT)

@@ -70,6 +70,8 @@ class ShimExit:
                 return
             if pid == self.pid and not self.exited:
                 self.container_exited(status)
+            else:
+                self.exec_exited(pid, status)
 
     def container_exited(self, status: int) -> None:
         exited_at = time.time_ns()

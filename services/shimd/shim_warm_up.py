@@ -19,6 +19,7 @@ WARM_UP_REQUESTS = (
     {"op": "resize", "width": 80, "height": 24},
     {"op": "kill", "signal": 0},
     {"op": "warm-up"},
+    {"op": "exec", "cmd": ["true"], "timeout": 10},
     {"op": "stop", "signal": int(_signal.SIGTERM), "timeout": 10},
 )
 
@@ -55,6 +56,8 @@ def warm_up(scratch_dir: str, rounds: int = 10) -> None:
             shim.close_stdio_fds()
             shim.log.write(b"stdout", b"warm\nup " * 4 + b"x" * (MAX_LOG_LINE + 1))
             for request in WARM_UP_REQUESTS:
+                if request["op"] == "exec":
+                    request = dict(request, pid_file=os.path.join(base, "exec.pid"))
                 client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
                 client.connect(spec["control_socket"])
                 client.sendall(compact_json.dumps(request) + b"\n")
