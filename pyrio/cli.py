@@ -76,8 +76,6 @@ def service_figures(config: Config, service: str) -> dict[str, Any]:
 def gateway_figures(config: Config) -> dict[str, Any]:
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
-
     settings = config.metrics
     if not settings.enable or not settings.port:
         return {}
@@ -93,11 +91,16 @@ def gateway_figures(config: Config) -> dict[str, Any]:
         return {}
     wanted = {"pyrio_service_uptime_seconds": "uptime", "pyrio_service_restarts_total": "restarts",
               "pyrio_service_calls_in_flight": "in_flight", "pyrio_service_errors_last_minute": "errors_1m"}
+    # crigw writes these gauges and counters with the one label `service`
+    # (services/crigw/prometheus_text.py): `name{service="crigw"} value`.
     figures: dict[str, Any] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in wanted and sample.labels.get("service") == "crigw":
-                figures[wanted[sample.name]] = sample.value
+    for line in text.splitlines():
+        name, _, rest = line.partition('{service="crigw"} ')
+        if rest and name in wanted:
+            try:
+                figures[wanted[name]] = float(rest)
+            except ValueError:
+                pass
     return figures
 
 

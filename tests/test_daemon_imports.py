@@ -23,6 +23,9 @@ NOT_AT_START = {
     "argparse": "one --config option is parsed by hand",
     "jeepney": "only the systemd cgroup driver talks D-Bus, and only when it does",
     "psutil": "crigw needs it only to kill a failed or orphaned exec",
+    "prometheus_client": "crigw writes its /metrics itself (services/crigw/prometheus_text.py)",
+    "http.server": "crigw's /metrics listener reuses the streaming server's request-head reader",
+    "urllib.request": "nothing at start fetches a URL (prometheus_client loaded it)",
 }
 # Not in the daemons behind crigw: grpc loads asyncio in crigw anyway, and
 # crigw's streaming tokens are made with secrets.

@@ -115,6 +115,15 @@ def test_pyrio_status_shows_uptime_restarts_in_flight_and_recent_errors(stack: S
     assert errors["crigw"] >= 1 and errors["shimd"] >= 1  # the NOT_FOUND above, seen by both
 
 
+def test_pyrio_status_reads_crigws_own_figures_from_its_metrics(stack: Stack) -> None:
+    from common.config import load_config
+    from pyrio.cli import gateway_figures
+
+    figures = gateway_figures(load_config(str(stack.config_path)))
+    assert set(figures) == {"uptime", "restarts", "in_flight", "errors_1m"}, figures
+    assert figures["uptime"] > 0 and figures["restarts"] >= 0 and figures["in_flight"] >= 0
+
+
 def test_metrics_over_tls_when_a_certificate_is_configured(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import ssl
     import subprocess
@@ -133,3 +142,160 @@ def test_metrics_over_tls_when_a_certificate_is_configured(tmp_path) -> None:  #
             urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10).read()
     finally:
         stack.stop()
+
+
+def test_a_taken_metrics_port_is_logged_and_the_cri_served_anyway() -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        stack = Stack({"metrics": {"port": port}})
+        try:
+            stack.start()
+            assert stack.runtime.Version(api_pb2.VersionRequest(), timeout=10).runtime_name
+            assert "cannot serve metrics" in stack.logs("crigw")
+        finally:
+            stack.stop()
+
+
+# --- the text format, without a stack -------------------------------------------------------------
+# prometheus_client (a test dependency) is the independent check: its parser reads what
+# services/crigw/prometheus_text.py writes, and for the same metrics its own writer gives the same bytes.
+
+def parsed(text: str) -> dict[tuple[str, tuple], float]:
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_the_exposition_is_prometheus_clients_byte_for_byte() -> None:
+    import prometheus_client
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily as LibraryCounterFamily
+    from prometheus_client.core import GaugeMetricFamily as LibraryGaugeFamily
+
+    from services.crigw import prometheus_text as ours
+    from services.crigw.metrics import CRI_BUCKETS, PULL_BUCKETS
+
+    def fill(lib: object, registry: object, counter_family: object, gauge_family: object) -> None:
+        operations = lib.Counter("t_operations", "calls, by \\ method\nand code", ["operation", "code"], registry=registry)
+        latency = lib.Histogram("t_duration_seconds", "latency", ["operation"], buckets=CRI_BUCKETS, registry=registry)
+        pulls = lib.Histogram("t_pull_seconds", "pulls", buckets=PULL_BUCKETS, registry=registry)
+        pulled = lib.Counter("t_pulled_bytes", "bytes", registry=registry)
+        lib.Counter("t_unused", "labelled, never used", ["x"], registry=registry)
+        operations.labels("Version", "OK").inc()
+        operations.labels('a"quote', "back\\slash\nnewline").inc(2.5)
+        operations.labels("Version", "OK").inc()
+        for seconds in (0.0001, 0.0005, 0.003, 0.7, 59.9, 1000.0):
+            latency.labels("PullImage").observe(seconds)
+        latency.labels("Version").observe(0.002)
+        pulls.observe(42.0)
+        pulled.inc(1_700_000_000)
+
+        class Families:
+            def collect(self):  # type: ignore[no-untyped-def]
+                up = gauge_family("t_up", "1 when up", labels=["service"])
+                up.add_metric(["crigw"], 1)
+                up.add_metric(["shimd"], 0)
+                restarts = counter_family("t_restarts", "restarts", labels=["service"])
+                restarts.add_metric(["netd"], 3)
+                ooms = counter_family("t_ooms", "no labels")
+                ooms.add_metric([], 0)
+                yield from (up, restarts, ooms)
+
+        registry.register(Families())
+
+    library_registry = CollectorRegistry(auto_describe=True)
+    fill(prometheus_client, library_registry, LibraryCounterFamily, LibraryGaugeFamily)
+    our_registry = ours.Registry()
+    fill(ours, our_registry, ours.CounterMetricFamily, ours.GaugeMetricFamily)
+    prometheus_client.disable_created_metrics()  # the one difference: crigw writes no _created series
+    try:
+        expected = prometheus_client.generate_latest(library_registry)
+    finally:
+        prometheus_client.enable_created_metrics()
+    assert our_registry.exposition().decode() == expected.decode()
+
+
+def test_label_values_with_backslash_quote_and_newline_read_back_as_written() -> None:
+    from services.crigw.prometheus_text import Counter, Registry
+
+    registry = Registry()
+    counter = Counter("t_escaped", "help with a \\ and a\nline feed", ["value"], registry=registry)
+    awkward = ['back\\slash', 'double"quote', 'line\nfeed', '\\"\n', 'plain', '{},=']
+    for index, text in enumerate(awkward):
+        counter.labels(text).inc(index + 1)
+    text = registry.exposition().decode()
+    assert "# HELP t_escaped_total help with a \\\\ and a\\nline feed\n" in text
+    samples = parsed(text)
+    assert {labels[0][1]: v for (_, labels), v in samples.items()} == {t: i + 1.0 for i, t in enumerate(awkward)}
+    family = next(text_string_to_metric_families(text))
+    assert (family.name, family.type, family.documentation) == ("t_escaped", "counter", "help with a \\ and a\nline feed")
+
+
+def test_histogram_buckets_are_cumulative_and_end_at_inf_with_the_count() -> None:
+    from services.crigw.prometheus_text import Histogram, Registry
+
+    registry = Registry()
+    histogram = Histogram("t_seconds", "latency", ["op"], buckets=(0.1, 1, 10), registry=registry)
+    for seconds in (0.05, 0.1, 0.5, 5, 50, 500):
+        histogram.labels("x").observe(seconds)
+    histogram.labels("idle")  # a series at zero from its first labels(...)
+    text = registry.exposition().decode()
+    samples = parsed(text)
+    buckets = {le: samples[("t_seconds_bucket", (("le", le), ("op", "x")))] for le in ("0.1", "1.0", "10.0", "+Inf")}
+    assert buckets == {"0.1": 2, "1.0": 3, "10.0": 4, "+Inf": 6}
+    assert samples[("t_seconds_count", (("op", "x"),))] == 6
+    assert samples[("t_seconds_sum", (("op", "x"),))] == pytest.approx(555.65)
+    assert samples[("t_seconds_bucket", (("le", "+Inf"), ("op", "idle")))] == 0
+    assert next(text_string_to_metric_families(text)).type == "histogram"
+    with pytest.raises(ValueError):
+        Histogram("t_unsorted", "x", buckets=(1, 0.5))
+
+
+def test_counters_only_go_up() -> None:
+    from services.crigw.prometheus_text import Counter, Registry
+
+    registry = Registry()
+    counter = Counter("t_calls", "calls", registry=registry)
+    seen = []
+    for amount in (0, 1, 2.5, 0, 10):
+        counter.inc(amount)
+        seen.append(parsed(registry.exposition().decode())[("t_calls_total", ())])
+    assert seen == sorted(seen) and seen[-1] == 13.5
+    with pytest.raises(ValueError):
+        counter.inc(-1)
+    assert parsed(registry.exposition().decode())[("t_calls_total", ())] == 13.5
+    labelled = Counter("t_labelled", "x", ["a"], registry=registry)
+    with pytest.raises(ValueError):
+        labelled.labels("one", "two")  # one label, two values
+    with pytest.raises(ValueError):
+        labelled.inc()
+
+
+def test_the_http_listener_serves_get_metrics_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import urllib.error
+
+    from services.crigw.metrics_http import MetricsServer
+    from services.crigw.prometheus_text import CONTENT_TYPE
+
+    server = MetricsServer("127.0.0.1", 0, lambda: b"# HELP x_total x\n# TYPE x_total counter\nx_total 1.0\n").start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        with urllib.request.urlopen(f"{base}/metrics?name[]=x", timeout=10) as reply:
+            assert reply.headers["Content-Type"] == CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
+            assert parsed(reply.read().decode()) == {("x_total", ()): 1.0}
+        for path, method, code in (("/", "GET", 404), ("/other", "GET", 404), ("/metrics", "POST", 405)):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(base + path, method=method, data=b"" if method == "POST" else None),
+                                       timeout=10)
+            assert refused.value.code == code, (path, method)
+        with pytest.raises(OSError):  # the port is taken: crigw logs that and serves the CRI anyway
+            MetricsServer("127.0.0.1", server.server_port, lambda: b"")
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as raw:
+            raw.sendall(b"nonsense\r\n\r\n")
+            assert raw.recv(100).startswith(b"HTTP/1.1 400 ")
+    finally:
+        server.stop()

@@ -22,16 +22,21 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from common.config import SERVICES
 from common.daemon import service_starts
 from common.errors import PyrioError
 from services.crigw.events import open_streams
 from services.crigw.gateway import Gateway
 from services.crigw.handlers import HANDLERS
+from services.crigw.metrics_http import MetricsServer
+from services.crigw.prometheus_text import (
+    Counter,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Histogram,
+    MetricFamily,
+    Registry,
+)
 from services.crigw.status import CALL_OBSERVERS
 
 log = logging.getLogger("pyrio.crigw.metrics")
@@ -41,7 +46,7 @@ DAEMON_METRICS_TIMEOUT_SECONDS = 1.0
 CRI_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PULL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+REGISTRY = Registry()
 CRI_OPERATIONS = Counter("pyrio_cri_operations", "CRI calls served, by method and gRPC code",
                          ["operation", "code"], registry=REGISTRY)
 CRI_LATENCY = Histogram("pyrio_cri_operations_duration_seconds", "CRI call latency, by method",
@@ -120,7 +125,7 @@ class MonotonicCounters:
             return {key: base.get(key, 0) + last.get(key, 0) for key in set(base) | set(last)}
 
 
-class ServiceCollector(Collector):
+class ServiceCollector:
     """The figures of every service, asked for at each scrape."""
 
     def __init__(self, gateway: Gateway, started_at: float, in_flight: Any) -> None:
@@ -137,7 +142,7 @@ class ServiceCollector(Collector):
         except PyrioError:
             return None
 
-    def collect(self) -> Iterable[Metric]:
+    def collect(self) -> Iterable[MetricFamily]:
         clients = [self.gateway.imaged, self.gateway.netd, self.gateway.shimd]
         answers = dict(zip((client.service for client in clients), self._pool.map(self._ask, clients)))
         now = time.time()
@@ -173,7 +178,7 @@ class ServiceCollector(Collector):
         yield from (up, uptime, restarts, in_flight, recent, rpc)
         yield from self._shimd_figures(answers.get("shimd"))
 
-    def _shimd_figures(self, answer: dict[str, Any] | None) -> Iterable[Metric]:
+    def _shimd_figures(self, answer: dict[str, Any] | None) -> Iterable[MetricFamily]:
         exits = CounterMetricFamily("pyrio_container_exits", "container exits, by exit code class (zero, error, signal)",
                                     labels=["code_class"])
         ooms = CounterMetricFamily("pyrio_container_oom_events", "containers killed by the OOM killer")
@@ -219,7 +224,7 @@ def _count_pulled_bytes(gateway: Gateway) -> None:
     HANDLERS["PullImage"] = counted
 
 
-def start_metrics_server(gateway: Gateway, in_flight: Any) -> Any:
+def start_metrics_server(gateway: Gateway, in_flight: Any) -> MetricsServer | None:
     """Serve /metrics as `[metrics]` says; None when disabled or the port is taken
     (the CRI is served either way; the error is logged)."""
     settings = gateway.config.metrics
@@ -228,15 +233,14 @@ def start_metrics_server(gateway: Gateway, in_flight: Any) -> Any:
     _count_pulled_bytes(gateway)
     if not settings.enable:
         return None
-    REGISTRY.register(ServiceCollector(gateway, time.time(), in_flight))
     try:
-        server, _thread = start_http_server(
-            settings.port, settings.address, REGISTRY,
-            certfile=settings.tls_cert_file or None, keyfile=settings.tls_key_file or None,
-        )
+        server = MetricsServer(settings.address, settings.port, REGISTRY.exposition,
+                               certfile=settings.tls_cert_file or None, keyfile=settings.tls_key_file or None)
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot serve metrics", extra={"address": settings.address, "port": settings.port, "error": str(exc)})
         return None
+    REGISTRY.register(ServiceCollector(gateway, time.time(), in_flight))
+    server.start()
     log.info("serving metrics", extra={"address": settings.address, "port": server.server_port,
                                        "tls": bool(settings.tls_cert_file)})
     return server
