@@ -14,7 +14,9 @@ each. At every step the bench measures, over CRI:
 - the daemons' PSS, per process and in all, and memory per pod: everything of
   the runtime's process tree but the containers' own processes, less what the
   daemons held idle before the first pod, divided by the pods
-  (bench.compare_workload.memory_figures, as `bench compare` counts it).
+  (bench.compare_workload.memory_figures, as `bench compare` counts it), and
+  the memory each pod added since the step before (free of the idle figure,
+  which moves by MiBs from one start to the next).
 
 The table prints each figure per step and a growth column,
 (figure at the last step / at the first) / (last pods / first pods):
@@ -57,6 +59,7 @@ CHURN_PODS = 5
 IDLE_SETTLE_SECONDS = 3  # past an idle daemon's heap trim
 MEMORY_PER_POD_LIMIT_MIB = 0.7
 MEMORY_PER_POD = "memory per pod MiB (shims, pod processes, daemon growth)"
+MARGINAL_MEMORY = "memory per pod added since the step before MiB"
 
 
 def daemon_cpu_ms(rt: Pyrio, call: Callable[[], Any], count: int) -> float:
@@ -110,7 +113,7 @@ def churn_figures(pods: Pods) -> dict[str, float]:
 def step_figures(rt: Pyrio, pods: Pods, daemons_before_kib: int) -> dict[str, float]:
     # Other work on the machine moves every time (and, less, every CPU
     # figure): a growth read between steps at different loads is not the runtime's.
-    figures: dict[str, float] = {"machine load (1-min loadavg)": os.getloadavg()[0]}
+    figures: dict[str, float] = {"machine load (1-min loadavg)": round(os.getloadavg()[0], 2)}
     figures.update(relist_figures(rt, pods))
     figures.update(status_figures(rt, pods))
     figures.update(churn_figures(pods))
@@ -121,6 +124,17 @@ def step_figures(rt: Pyrio, pods: Pods, daemons_before_kib: int) -> dict[str, fl
     return {re.sub(r" at \d+ pods", "", key): value for key, value in figures.items()}
 
 
+def add_marginal_memory(by_step: dict[int, dict[str, float]], daemons_before_kib: int) -> None:
+    """Memory per pod added since the step before: the slope of the runtime's
+    total, free of the idle figure (which moves by MiBs from start to start)."""
+    def total_mib(pods: int) -> float:
+        return by_step[pods][MEMORY_PER_POD] * pods + daemons_before_kib / 1024
+
+    for previous, step in zip(STEPS, STEPS[1:]):
+        if MEMORY_PER_POD in by_step.get(previous, {}) and MEMORY_PER_POD in by_step.get(step, {}):
+            by_step[step][MARGINAL_MEMORY] = round((total_mib(step) - total_mib(previous)) / (step - previous), 3)
+
+
 def growth(first: float, last: float) -> float | None:
     if not first:
         return None
@@ -128,7 +142,7 @@ def growth(first: float, last: float) -> float | None:
 
 
 def verdict(key: str, values: list[float], grown: float | None) -> str:
-    if key == MEMORY_PER_POD:
+    if key in (MEMORY_PER_POD, MARGINAL_MEMORY):
         return "OVER" if max(values) > MEMORY_PER_POD_LIMIT_MIB else ""
     if "/ Version" in key or key.startswith("machine load"):  # not a cost of the runtime
         return ""
@@ -172,6 +186,7 @@ def run() -> dict[str, Any]:
                 pods.remove_all()
             finally:
                 rt.close_channel()
+    add_marginal_memory(by_step, daemons_before_kib)
     figures: dict[str, Any] = {"idle daemons PSS MiB (before pods)": round(daemons_before_kib / 1024, 1)}
     figures.update(format_table(by_step))
     return figures
