@@ -216,8 +216,9 @@ class Containerd(CriRuntime):
 class Pyrio(CriRuntime):
     name = "pyrio"
 
-    def __init__(self) -> None:
-        self.stack = Stack()
+    def __init__(self, stack: Stack | None = None) -> None:
+        """A new private Stack, or one already started (then call connect(), not start())."""
+        self.stack = stack or Stack()
         super().__init__(self.stack.root)
         self.cgroup_parent = self.stack.cgroup_parent
 

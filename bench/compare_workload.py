@@ -121,7 +121,7 @@ class Pods:
         return int(json.loads(status.info["info"]).get("pid", 0))
 
 
-def _median_ms(call: Callable[[], Any], count: int) -> float:
+def median_ms(call: Callable[[], Any], count: int) -> float:
     call()  # warm up
     return round(statistics.median(timed(call)[0] for _ in range(count)), 2)
 
@@ -189,16 +189,16 @@ def relist_figures(rt: CriRuntime, pods: Pods) -> dict[str, float]:
     daemons = rt.daemon_pids()
     for name, call in calls.items():
         cpu_before = total_cpu_seconds(daemons)
-        figures[f"{name} at {count} pods"] = _median_ms(call, LIST_CALLS)
+        figures[f"{name} at {count} pods"] = median_ms(call, LIST_CALLS)
         if name in ("ListPodSandbox", "ListContainers", "Version"):
             figures[f"{name} CPU ms per call"] = round((total_cpu_seconds(daemons) - cpu_before) * 1000 / (LIST_CALLS + 1), 2)
     for name in ("ListPodSandbox", "ListContainers"):
         figures[f"{name} / Version"] = round(figures[f"{name} at {count} pods"] / figures[f"Version at {count} pods"], 2)
-    figures[f"ListContainerStats at {count} pods"] = _median_ms(
+    figures[f"ListContainerStats at {count} pods"] = median_ms(
         lambda: runtime.ListContainerStats(api_pb2.ListContainerStatsRequest(), timeout=30), STATS_CALLS
     )
     try:
-        figures[f"ListPodSandboxStats at {count} pods"] = _median_ms(
+        figures[f"ListPodSandboxStats at {count} pods"] = median_ms(
             lambda: runtime.ListPodSandboxStats(api_pb2.ListPodSandboxStatsRequest(), timeout=30), STATS_CALLS
         )
     except Exception:  # a runtime without it: no figure

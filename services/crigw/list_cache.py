@@ -4,9 +4,11 @@ The kubelet lists every sandbox and container every second. Apart from its
 state, a listed item never changes (ids are never reused; metadata, labels,
 annotations, image and creation time are fixed at create), so:
 - the owning daemon answers a brief list: `[id, state]` pairs from its index;
-- crigw asks for the full records only of ids it has not seen;
-- each item's serialized protobuf is kept by (id, state), and the response
-  is those bytes joined under the repeated field's tag, passed to gRPC as is.
+- crigw asks for the full records only of ids it has not seen, or whose
+  state changed since (rare: a pod stops once, a container exits once);
+- each item's serialized protobuf is kept by id with its state, and the
+  response is those bytes joined under the repeated field's tag, passed to
+  gRPC as is.
 
 The cache holds only what a daemon can give again, so losing it (a crigw
 restart) costs one full fetch; a daemon restart changes nothing (its brief
@@ -35,13 +37,15 @@ def _varint(value: int) -> bytes:
 
 
 class ListCache:
-    """Serialized list items of one kind (sandboxes or containers), by id and state."""
+    """Serialized list items of one kind (sandboxes or containers), by id, in their last listed state."""
 
     def __init__(self, encode: Callable[[dict[str, Any], Any], bytes]) -> None:
         # encode(record, state) -> the item's serialized protobuf
         self._encode = encode
-        self._records: dict[str, dict[str, Any]] = {}
-        self._encoded: dict[tuple[str, Any], bytes] = {}
+        # id -> (the state it was encoded in, its serialized protobuf). Only
+        # the bytes are kept, not the daemon's record: a few hundred bytes an
+        # item instead of kilobytes of dicts (memory per pod, issue 14).
+        self._encoded: dict[str, tuple[Any, bytes]] = {}
         self._lock = threading.Lock()
 
     def response_bytes(
@@ -52,37 +56,43 @@ class ListCache:
     ) -> bytes:
         """The serialized list response for `brief` ([id, state] pairs, in order).
 
-        fetch(ids) returns the full records of ids not seen yet (an id missing
-        from its answer was removed meanwhile and is left out). `complete` says
-        the brief list was unfiltered, so ids absent from it are gone."""
+        fetch(ids) returns the full records of ids not seen yet or seen in
+        another state (an id missing from its answer was removed meanwhile
+        and is left out). `complete` says the brief list was unfiltered, so
+        ids absent from it are gone."""
+        found: dict[str, bytes] = {}
+        stale: list[str] = []
         with self._lock:
-            missing = [item_id for item_id, _ in brief if item_id not in self._records]
-        if missing:
-            fetched = {record["id"]: record for record in fetch(missing)}
-            with self._lock:
-                if len(self._records) + len(fetched) > MAX_CACHED_ITEMS:
-                    self._records.clear()
-                    self._encoded.clear()
-                self._records.update(fetched)
-        parts = []
-        with self._lock:
-            records, encoded = self._records, self._encoded
             for item_id, state in brief:
-                data = encoded.get((item_id, state))
-                if data is None:
-                    record = records.get(item_id)
-                    if record is None:
-                        continue  # removed between the brief list and the fetch
-                    data = encoded[(item_id, state)] = self._encode(record, state)
-                parts.append(REPEATED_FIELD_ONE_TAG + _varint(len(data)) + data)
-            if complete:
+                cached = self._encoded.get(item_id)
+                if cached is not None and cached[0] == state:
+                    found[item_id] = cached[1]
+                else:
+                    stale.append(item_id)
+        if stale:
+            states = {item_id: state for item_id, state in brief}
+            fresh: dict[str, tuple[Any, bytes]] = {}
+            for record in fetch(stale):
+                state = states.get(record["id"])
+                if state is not None:
+                    fresh[record["id"]] = (state, self._encode(record, state))
+                    found[record["id"]] = fresh[record["id"]][1]
+            with self._lock:
+                if len(self._encoded) + len(fresh) > MAX_CACHED_ITEMS:
+                    self._encoded.clear()
+                self._encoded.update(fresh)
+        parts = [
+            REPEATED_FIELD_ONE_TAG + _varint(len(found[item_id])) + found[item_id]
+            for item_id, _ in brief
+            if item_id in found
+        ]
+        if complete:
+            with self._lock:
                 self._forget_except({item_id for item_id, _ in brief})
         return b"".join(parts)
 
     def _forget_except(self, listed: set[str]) -> None:
-        if self._records.keys() <= listed:
+        if self._encoded.keys() <= listed:
             return
-        for item_id in [item_id for item_id in self._records if item_id not in listed]:
-            del self._records[item_id]
-        for key in [key for key in self._encoded if key[0] not in listed]:
-            del self._encoded[key]
+        for item_id in [item_id for item_id in self._encoded if item_id not in listed]:
+            del self._encoded[item_id]
