@@ -9,7 +9,10 @@ the rounds, printed with its pyrio/containerd ratio (below 1: pyrio is ahead,
 for times, memory and CPU; above 1 for throughputs).
 
 Environment: PYRIO_BENCH_ROUNDS (3), PYRIO_BENCH_PODS (110), PYRIO_BENCH_SECCOMP
-(runtime_default, or unconfined: the profile both runtimes give every container).
+(runtime_default, unconfined, or localhost: the profile both runtimes give every
+container; each runtime's RuntimeDefault is its own, and pyrio's is the larger
+filter, which runc compiles on every create and exec; localhost gives both
+pyrio's as one file).
 """
 
 from __future__ import annotations
