@@ -34,12 +34,17 @@ def network_condition(stack: Stack) -> api_pb2.RuntimeCondition:
     return {condition.type: condition for condition in reply.status.conditions}["NetworkReady"]
 
 
-def assert_nothing_left(stack: Stack) -> None:
-    """No pod of this stack holds anything on the node any more."""
+def pod_leaks(stack: Stack) -> dict[str, list]:
     report = leak_report(stack)
     # Processes are judged by pod only (PID holders): shimd's own helpers are not pods.
     report["processes"] = [pid for pid in report["processes"] if pod_init.holds_sandbox_of_any(pid)]
-    assert not any(report.values()), report
+    return {kind: found for kind, found in report.items() if found}
+
+
+def assert_nothing_left(stack: Stack) -> None:
+    """No pod of this stack holds anything on the node any more."""
+    report = pod_leaks(stack)
+    assert not report, report
     assert host_local_allocations(stack) == []
     assert stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items == []
     netd_state = stack.state_dir / "netd"
@@ -149,7 +154,10 @@ def test_netd_killed_during_run_is_cleaned_up_at_restart(fault_stack: FaultStack
         runner.join(60)
         assert isinstance(outcome.get("error"), grpc.RpcError)
         assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE
-        wait_until(lambda: not host_local_allocations(fault_stack), 30, what="IP released after restart")
+        # The restarted netd's clean-up runs in the background of this test:
+        # wait for all of it (the IP is released first, the mounts last).
+        wait_until(lambda: not host_local_allocations(fault_stack) and not pod_leaks(fault_stack), 30,
+                   what="the interrupted pod cleaned up after restart")
         assert_nothing_left(fault_stack)
         # The name is free again, and the network works.
         assert_new_pod_works_and_leaves_nothing(fault_stack, pods, config)
