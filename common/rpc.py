@@ -56,6 +56,8 @@ CONNECT_GRACE_SECONDS = 1.0
 # being restarted by supervisord; on a busy node that takes seconds, and the
 # caller is better served by the answer than by an early Unavailable.
 RESEND_GRACE_SECONDS = 10.0
+# How soon a call waiting for its answer notices that its client was closed.
+CLOSE_NOTICE_SECONDS = 0.2
 
 _CONNECTED_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
 
@@ -272,11 +274,11 @@ class _ClientSocket:
                 disconnected = True
         return disconnected
 
-    def wait_connected(self, until: float) -> bool:
+    def wait_connected(self, until: float, stopping: Callable[[], bool]) -> bool:
         self.drain_monitor()
         while not self.connected:
             remaining = until - time.time()
-            if remaining <= 0:
+            if remaining <= 0 or stopping():
                 return False
             self.drain_monitor(int(min(remaining, 0.1) * 1000) + 1)
         return True
@@ -323,22 +325,31 @@ class RpcClient:
 
     def _checkin(self, sock: _ClientSocket, usable: bool) -> None:
         with self._lock:
-            if self._closed:
-                return
-            if usable:
+            if usable and not self._closed:
                 self._idle_sockets.append(sock)
                 return
             self._all_sockets.remove(sock)
         sock.close()
 
     def close(self) -> None:
-        """Close every socket; calls still waiting end Unavailable."""
+        """Close the idle sockets; calls still waiting end Unavailable within
+        CLOSE_NOTICE_SECONDS and close their own socket.
+
+        A ZeroMQ socket must never be closed while another thread polls it:
+        libzmq aborts the whole process (it did, in test_rpc under load)."""
         with self._lock:
             self._closed = True
-            for sock in self._all_sockets:
-                sock.close()
-            self._all_sockets.clear()
-            self._idle_sockets.clear()
+            idle, self._idle_sockets = self._idle_sockets, []
+            for sock in idle:
+                self._all_sockets.remove(sock)
+        for sock in idle:
+            sock.close()
+
+    def _stopping(self) -> bool:
+        return self._closed
+
+    def _closed_error(self, method: str) -> Unavailable:
+        return Unavailable(f"{self.service}.{method} was abandoned: the client was closed (this process is stopping)")
 
     def call(
         self,
@@ -363,8 +374,7 @@ class RpcClient:
             # or libzmq failed: either way the callee was not reached or its
             # answer is lost, which is Unavailable ("try again"), as after a
             # crash, never an internal error.
-            why = "the client was closed" if self._closed else f"ZeroMQ error: {exc}"
-            raise Unavailable(f"{self.service}.{method} was abandoned: {why}") from None
+            raise Unavailable(f"{self.service}.{method} was abandoned: ZeroMQ error: {exc}") from None
         finally:
             self._checkin(sock, usable)
 
@@ -376,7 +386,9 @@ class RpcClient:
         payload = pack({"id": request_id, "method": method, "params": params or {}, "deadline": deadline})
         grace_end = min(deadline, time.time() + CONNECT_GRACE_SECONDS)
         while True:
-            if not sock.wait_connected(grace_end):
+            if not sock.wait_connected(grace_end, self._stopping):
+                if self._closed:
+                    raise self._closed_error(method)
                 if time.time() >= deadline:
                     raise DeadlineExceeded(f"{self.service}.{method}: deadline exceeded while connecting")
                 raise Unavailable(f"{self.service} is not reachable at {self.endpoint}")
@@ -388,7 +400,7 @@ class RpcClient:
                     raise Unavailable(f"{self.service} is not accepting requests at {self.endpoint}") from None
                 time.sleep(0.005)
                 continue
-            outcome = self._await_reply(sock, request_id, deadline)
+            outcome = self._await_reply(sock, method, request_id, deadline)
             if outcome is not _RESEND:
                 return outcome
             if not idempotent:
@@ -396,7 +408,7 @@ class RpcClient:
             grace_end = min(deadline, time.time() + RESEND_GRACE_SECONDS)
             log.info("%s went away during idempotent %s; sending it again", self.service, method)
 
-    def _await_reply(self, sock: _ClientSocket, request_id: str, deadline: float) -> Any:
+    def _await_reply(self, sock: _ClientSocket, method: str, request_id: str, deadline: float) -> Any:
         poller = zmq.Poller()
         poller.register(sock.socket, zmq.POLLIN)
         poller.register(sock.monitor, zmq.POLLIN)
@@ -404,7 +416,10 @@ class RpcClient:
             remaining = deadline - time.time()
             if remaining <= 0:
                 raise DeadlineExceeded(f"{self.service}: no answer before the deadline")
-            ready = dict(poller.poll(int(remaining * 1000) + 1))
+            # In slices, so a close() from another thread is noticed.
+            ready = dict(poller.poll(int(min(remaining, CLOSE_NOTICE_SECONDS) * 1000) + 1))
+            if not ready and self._closed:
+                raise self._closed_error(method)
             if sock.socket in ready:
                 reply = unpack(sock.socket.recv(zmq.NOBLOCK))
                 if reply.get("id") != request_id:

@@ -279,3 +279,42 @@ def test_sockets_are_pooled_not_kept_per_thread(in_process_server: str) -> None:
         assert client.call("echo", {"x": 1})["params"] == {"x": 1}
     finally:
         client.close()
+
+
+_CLOSE_UNDER_CALLS = """
+import sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from common.errors import Unavailable
+from common.rpc import RpcClient
+from tests.rpc_test_server import build
+server = build(sys.argv[2]); server.bind()
+threading.Thread(target=server.serve_forever, daemon=True).start()
+for round_ in range(30):
+    client = RpcClient(sys.argv[2], "testd")
+    errors = []
+    def call():
+        try:
+            client.call("sleep", {"seconds": 2}, timeout=10)
+            errors.append(None)
+        except BaseException as exc:
+            errors.append(exc)
+    callers = [threading.Thread(target=call) for _ in range(8)]
+    for caller in callers:
+        caller.start()
+    time.sleep(0.02 * (round_ % 5))
+    client.close()
+    for caller in callers:
+        caller.join(10)
+    assert len(errors) == 8 and all(isinstance(error, Unavailable) for error in errors), errors
+print("ok")
+"""
+
+
+def test_closing_a_client_under_many_calls_never_aborts_the_process(workdir: Path) -> None:
+    """Closing sockets that other threads poll made libzmq abort pytest under
+    load: a closed client now leaves in-use sockets to their callers."""
+    result = subprocess.run(
+        [sys.executable, "-c", _CLOSE_UNDER_CALLS, str(Path(__file__).resolve().parents[1]), f"ipc://{workdir}/abort.sock"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-2000:])
