@@ -4,6 +4,7 @@ is reported as a gap."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ def subscribed(endpoint: str) -> tuple[EventSubscriber, Recorder]:
 
 
 def test_events_in_order_then_gaps_for_a_skip_a_restart_and_silence() -> None:
-    endpoint = f"ipc://{Path(tempfile.mkdtemp(prefix='pyrio-bus-')) / 'rpc' / 'test-events.sock'}"
+    directory = Path(tempfile.mkdtemp(prefix="pyrio-bus-"))
+    endpoint = f"ipc://{directory / 'rpc' / 'test-events.sock'}"
     publisher = EventPublisher(endpoint)
     subscriber, recorder = subscribed(endpoint)
     try:
@@ -61,3 +63,4 @@ def test_events_in_order_then_gaps_for_a_skip_a_restart_and_silence() -> None:
     finally:
         subscriber.stop()
         publisher.close()
+        shutil.rmtree(directory, ignore_errors=True)
