@@ -31,6 +31,7 @@ from services.crigw.streaming.netns import dial_in_netns
 from services.crigw.streaming.portforward import Dialer
 from services.crigw.streaming.remotecommand import RemoteStreams, status_exit_code, status_success
 from services.crigw.streaming.server import StreamingServer
+from tests.harness import remove_cgroups
 
 RUNC = "/usr/sbin/runc"
 BUSYBOX = "/bin/busybox"
@@ -137,6 +138,8 @@ def own_streaming_target() -> Iterator[StreamingTarget]:
     finally:
         subprocess.run([RUNC, "--root", str(target.runtime_root), "delete", "--force", target.container_id], capture_output=True)
         subprocess.run(["umount", "-l", str(target.netns)], capture_output=True)
+        # runc 1.1.5 on this hybrid host leaves the empty cgroup directories behind.
+        remove_cgroups(target.cgroup)
         shutil.rmtree(root, ignore_errors=True)
 
 
