@@ -42,9 +42,10 @@ class ListCache:
     def __init__(self, encode: Callable[[dict[str, Any], Any], bytes]) -> None:
         # encode(record, state) -> the item's serialized protobuf
         self._encode = encode
-        # id -> (the state it was encoded in, its serialized protobuf). Only
-        # the bytes are kept, not the daemon's record: a few hundred bytes an
-        # item instead of kilobytes of dicts (memory per pod, issue 14).
+        # id -> (the state it was encoded in, its serialized protobuf framed as
+        # one element of the repeated field, so a relist only joins). Only the
+        # bytes are kept, not the daemon's record: a few hundred bytes an item
+        # instead of kilobytes of dicts (memory per pod, issue 14).
         self._encoded: dict[str, tuple[Any, bytes]] = {}
         self._lock = threading.Lock()
 
@@ -75,17 +76,15 @@ class ListCache:
             for record in fetch(stale):
                 state = states.get(record["id"])
                 if state is not None:
-                    fresh[record["id"]] = (state, self._encode(record, state))
-                    found[record["id"]] = fresh[record["id"]][1]
+                    data = self._encode(record, state)
+                    framed = REPEATED_FIELD_ONE_TAG + _varint(len(data)) + data
+                    fresh[record["id"]] = (state, framed)
+                    found[record["id"]] = framed
             with self._lock:
                 if len(self._encoded) + len(fresh) > MAX_CACHED_ITEMS:
                     self._encoded.clear()
                 self._encoded.update(fresh)
-        parts = [
-            REPEATED_FIELD_ONE_TAG + _varint(len(found[item_id])) + found[item_id]
-            for item_id, _ in brief
-            if item_id in found
-        ]
+        parts = [found[item_id] for item_id, _ in brief if item_id in found]
         if complete:
             with self._lock:
                 self._forget_except({item_id for item_id, _ in brief})

@@ -310,10 +310,7 @@ class ContainerLifecycle:
         return {CREATED: "created", RUNNING: "running", EXITED: "exited"}.get(state, "in an unknown state")
 
     def stop(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
-        container_id = params.get("container_id", "")
-        if not container_id:
-            raise InvalidArgument("container_id must not be empty")
-        record = self.store.find(container_id)
+        record = self.store.find(self._container_id(params))
         if record is None:
             return {}  # StopContainer is idempotent, as RemoveContainer (CRI-O and containerd agree)
         self._stop(record, clamp_timeout(float(params.get("timeout") or 0), MAX_STOP_TIMEOUT_SECONDS, "stop timeout"))
@@ -356,10 +353,7 @@ class ContainerLifecycle:
                 time.sleep(0.05)
 
     def remove(self, params: dict[str, Any], call: CallContext) -> dict[str, Any]:
-        container_id = params.get("container_id", "")
-        if not container_id:
-            raise InvalidArgument("container_id must not be empty")
-        record = self.store.find(container_id)
+        record = self.store.find(self._container_id(params))
         if record is None:
             return {}  # RemoveContainer is idempotent
         self._remove(record)

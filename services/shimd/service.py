@@ -95,10 +95,15 @@ class ShimDaemon(ContainerLifecycle, ContainerExec, ContainerStatus, ContainerRe
 
     # --- helpers -------------------------------------------------------------
 
-    def _record(self, params: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _container_id(params: dict[str, Any]) -> str:
         container_id = params.get("container_id", "")
         if not container_id:
             raise InvalidArgument("container_id must not be empty")
+        return container_id
+
+    def _record(self, params: dict[str, Any]) -> dict[str, Any]:
+        container_id = self._container_id(params)
         record = self.store.get(container_id)
         if record.get("phase") == PHASE_CREATING:
             raise NotFound(f"container {container_id!r} not found (it is still being created)")
