@@ -97,6 +97,9 @@ def secure_service_dirs(config: Config, service: str) -> None:
     state.private_dir(config.pyrio.state_dir, state.TRAVERSE_ONLY_DIR_MODE)
     state.private_dir(config.pyrio.run_dir, state.TRAVERSE_ONLY_DIR_MODE)
     state.private_dir(config.service_state_dir(service))
+    # Only the service writes its own top directory (its start count, say),
+    # so a temp file there is one of its writes that a kill cut short.
+    state.remove_stale_temp_files(config.service_state_dir(service))
 
 
 def run_service(

@@ -42,6 +42,22 @@ def assert_still_running(patient: Patient, containers: Containers, container_id:
     assert patient.exec(container_id, "echo", "alive").stdout == b"alive\n"
 
 
+def plant_interrupted_writes(stack: Stack, service: str, sandbox_id: str) -> list[Path]:
+    """The temp files an atomic write leaves when its writer is SIGKILLed
+    before the rename, in the directories the service writes."""
+    directories = [stack.state_dir / service]
+    if service == "shimd":
+        directories.append(stack.state_dir / "shimd" / "closing")
+    planted = []
+    for directory in directories:
+        if directory.is_dir():
+            path = directory / f".{sandbox_id}.k1ll3d.tmp"
+            path.write_bytes(b"")
+            planted.append(path)
+    assert planted
+    return planted
+
+
 def restart_supervisord(stack: Stack) -> None:
     """Stop supervisord (and with it every service), then start it again."""
     assert stack.supervisord is not None
@@ -63,8 +79,12 @@ def test_restart_each_service_all_and_supervisord_keeps_the_container(
 
     for service in SERVICES:
         old = stack.service_pid(service)
+        interrupted = plant_interrupted_writes(stack, service, container_id)
         stack.supervisorctl("restart", service)
         assert stack.service_pid(service) not in (0, old)
+        # What a kill cut short mid-write is swept at start, not mistaken
+        # for state (a pod id in shimd's closing/, say).
+        assert [path for path in interrupted if path.exists()] == []
         assert_still_running(patient, containers, container_id, pid, shim_pid)
 
     old_pids = {service: stack.service_pid(service) for service in SERVICES}

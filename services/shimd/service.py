@@ -20,6 +20,7 @@ from common.config import Config
 from common.daemon import client_for
 from common.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound
 from common.rpc import RpcServer
+from common.state import remove_stale_temp_files
 from common.cgroups import CgroupManager, manager_for
 from services.shimd.events import ContainerEvents
 from services.shimd.records import PHASE_CREATED, PHASE_CREATING, PHASE_REMOVING, ContainerStore
@@ -48,8 +49,12 @@ class ShimDaemon(ContainerLifecycle, ContainerExec, ContainerStatus, ContainerRe
         # time); kept as files too, so a restarted shimd still refuses them.
         self._closing_dir = config.service_state_dir("shimd") / "closing"
         self._closing_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # A shimd killed while marking a pod leaves the writer's temp file.
+        remove_stale_temp_files(self._closing_dir)
         self._closing: dict[str, float] = {}
         for entry in self._closing_dir.iterdir():
+            if entry.name.startswith("."):
+                continue  # a write still in flight is no pod id
             try:
                 self._closing[entry.name] = entry.stat().st_mtime
             except FileNotFoundError:
