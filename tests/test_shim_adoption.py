@@ -1,7 +1,7 @@
 """A container whose shim is SIGKILLed keeps running and gets a new shim
 (services/shimd/adoption.py, keeper.py): same PID, its log goes on, exec,
 ReopenContainerLog and stop work, and its exit code is right, also across a
-shimd restart (issue 15 item 6)."""
+shimd restart (issue 15 item 6); a tty container keeps its terminal."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cri_api.v1 import api_pb2
 
 from tests.fixtures_containers import CONTAINER_EXITED, CONTAINER_RUNNING, Containers
 from tests.harness import wait_until
+from tests.streaming_client import open_remote_command
 
 COUNTER = "i=0; trap 'exit 3' TERM; while true; do echo line-$i; i=$((i+1)); sleep 0.05; done"
 
@@ -133,3 +134,38 @@ def test_a_container_nobody_supervises_is_unknown_not_running(fresh_containers: 
     containers.stop(lost, timeout=1)
     status = containers.wait_state(lost, CONTAINER_EXITED)
     assert status.exit_code == 255 and "exit" in status.message
+
+
+def attach_and_ask_size(containers: Containers, container_id: str, columns: int, rows: int) -> bytes:
+    """Attach to a tty container's shell, resize its terminal and read back `stty size`."""
+    url = containers.runtime.Attach(
+        api_pb2.AttachRequest(container_id=container_id, stdin=True, stdout=True, tty=True), timeout=20
+    ).url
+    session = open_remote_command(url, stdin=True, stdout=True, stderr=False, tty=True)
+    try:
+        assert session.stdin is not None
+        session.send_resize(columns, rows)
+        time.sleep(0.3)
+        session.stdin.write(b'stty size; echo AT""TACHED\n')
+        return session.read_stdout_until(b"ATTACHED\r\n", timeout=15)
+    finally:
+        session.client.close()
+
+
+def test_a_tty_container_is_readopted_with_its_terminal(containers: Containers) -> None:
+    """The pty master outlives the shim (queued with the keeper): a new shim
+    serves the same terminal, its input, output and size, twice over."""
+    shell = containers.run(command=["sh"], tty=True, stdin=True)
+    containers.wait_state(shell, CONTAINER_RUNNING)
+    assert b"24 80" in attach_and_ask_size(containers, shell, 80, 24)
+    for columns, rows in ((90, 25), (100, 30)):
+        before = containers.info(shell)
+        os.kill(before["shim_pid"], signal.SIGKILL)
+        after = new_shim(containers, shell, before["shim_pid"])
+        assert after["pid"] == before["pid"]
+        assert containers.status(shell).status.state == CONTAINER_RUNNING
+        assert b"%d %d" % (rows, columns) in attach_and_ask_size(containers, shell, columns, rows)
+    # What the terminal showed after the re-adoptions reached the CRI log too.
+    wait_until(lambda: containers.log_text(shell).count("30 100") >= 1, 20, what="the shell's output in the log")
+    containers.stop(shell, timeout=5)
+    containers.wait_state(shell, CONTAINER_EXITED)

@@ -13,8 +13,9 @@ What the gap loses: the part of a line the dead shim had read but not yet
 written (at most one line, 16 KiB per stream), and attach sessions (their
 clients reconnect). Output written in the gap waits in the pipe (the
 container blocks once 64 KiB are waiting) and reaches the log afterwards.
-Not adopted: tty containers (their terminal's master died with the shim)
-and containers created before keepers existed.
+A tty container's pty master is kept the same way, queued in flight in a
+socketpair the keeper holds (keep_tty_with_keeper in shim_setup.py). Not
+adopted: containers created before keepers (or their tty queue) existed.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class ShimAdoption:
 
     def _watched(self, record: dict[str, Any]) -> bool:
         return (record.get("phase") == PHASE_CREATED and bool(record.get("shim_pid")) and bool(record.get("shim_spec"))
-                and not record.get("tty") and self._settled.get(record["id"]) != record["shim_pid"])
+                and self._settled.get(record["id"]) != record["shim_pid"])
 
     def adopt(self, record: dict[str, Any]) -> None:
         """Start a new shim for the container if its shim is gone and its init and keeper live."""

@@ -9,6 +9,9 @@ shim's parent), execing this program from a memfd (common/tiny_elf.py) with:
   fd 4  the read end of the container's stdout pipe
   fd 5  the read end of its stderr pipe
   fd 6  the write end of its stdin pipe
+  fd 7, 8  a datagram socketpair: a tty container's pty master waits in
+        fd 7's queue (sent on 8 by the shim's setup), where it outlives the
+        shim without the keeper reading it
 It is the child subreaper, so when the shim dies the container's init (the
 shim's child) is reparented to it. It then waits: each child it reaps (the
 shim, the init, anything orphaned to it) appends (pid, wait status) as two
@@ -17,8 +20,7 @@ little-endian int32s to fd 3, and it exits when it has no child left.
 Holding the pipes' other ends, it keeps a container that writes while no
 shim reads from dying of SIGPIPE (it blocks once the 64 KiB pipe is full and
 loses nothing), and stdin from reaching EOF; a new shim takes the fds with
-pidfd_getfd(2). A tty container's terminal is not kept: the pty master
-arrives after the keeper started.
+pidfd_getfd(2), and the pty master out of the queue.
 
 The program (x86-64, no libc; 103 bytes):
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);

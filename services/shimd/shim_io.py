@@ -19,6 +19,10 @@ PR_SET_CHILD_SUBREAPER = 36
 # The fds of a container's keeper (services/shimd/keeper.py), the same in
 # every keeper: a new shim takes them with pidfd_getfd.
 KEEPER_REAPED_FD, KEEPER_STDOUT_FD, KEEPER_STDERR_FD, KEEPER_STDIN_FD = 3, 4, 5, 6
+# Both ends of a datagram socketpair: a tty container's pty master waits,
+# in flight, in the queue of the first (sent on the second), so the master
+# outlives the shim that received it without the keeper ever touching it.
+KEEPER_TTY_QUEUE_FD, KEEPER_TTY_SEND_FD = 7, 8
 KEEPER_RECORD_BYTES = 8
 _SYS_PIDFD_GETFD = 438  # x86-64
 

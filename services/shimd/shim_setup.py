@@ -30,6 +30,8 @@ from services.shimd.shim_io import (
     KEEPER_STDERR_FD,
     KEEPER_STDIN_FD,
     KEEPER_STDOUT_FD,
+    KEEPER_TTY_QUEUE_FD,
+    KEEPER_TTY_SEND_FD,
     PR_SET_CHILD_SUBREAPER,
     accept,
     pidfd_getfd,
@@ -74,20 +76,22 @@ def become_keeper(spec_bytes: bytes, program_fd: int, pipes: tuple[int, ...]) ->
         # Its stdin must reach EOF when the shim closes it: the keeper keeps no write end.
         os.close(in_w)
         in_w = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    # Targets 3-6 may be taken by these very fds: move them out of the way first.
-    staged = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16) for fd in (reaped, out_r, err_r, in_w, null, program_fd)]
-    for fd in (reaped, out_r, out_w, err_r, err_w, in_r, in_w, null, program_fd):
+    tty_queue, tty_send = (sock.detach() for sock in _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_DGRAM))
+    # Targets 3-8 may be taken by these very fds: move them out of the way first.
+    staged = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16)
+              for fd in (reaped, out_r, err_r, in_w, tty_queue, tty_send, null, program_fd)]
+    for fd in (reaped, out_r, out_w, err_r, err_w, in_r, in_w, tty_queue, tty_send, null, program_fd):
         os.close(fd)
-    reaped, out_r, err_r, in_w, null, program_fd = staged
+    reaped, out_r, err_r, in_w, tty_queue, tty_send, null, program_fd = staged
     for target in (0, 1, 2):
         os.dup2(null, target)
     for fd, target in ((reaped, KEEPER_REAPED_FD), (out_r, KEEPER_STDOUT_FD), (err_r, KEEPER_STDERR_FD),
-                       (in_w, KEEPER_STDIN_FD)):
+                       (in_w, KEEPER_STDIN_FD), (tty_queue, KEEPER_TTY_QUEUE_FD), (tty_send, KEEPER_TTY_SEND_FD)):
         os.dup2(fd, target)  # inheritable
     for name in KEEPER_IGNORED_SIGNALS:
         _signal.signal(getattr(_signal, name), _signal.SIG_IGN)
     # Nothing else of the zygote's reaches the keeper (program_fd closes at exec).
-    os.closerange(KEEPER_STDIN_FD + 1, program_fd)
+    os.closerange(KEEPER_TTY_SEND_FD + 1, program_fd)
     os.closerange(program_fd + 1, 65536)
     os.chdir("/")
     os.execve(f"/proc/self/fd/{program_fd}", ["pyrio-keeper", spec.get("container_id", "")[:12]], {})
@@ -104,7 +108,12 @@ def set_up(spec_bytes: bytes, notify_fd: int, result_sock: _socket.socket, shim_
     write_line(notify_fd, b'{"shim_pid": %d, "keeper_pid": %d}' % (shim_pid, keeper_pid))
     handed: dict[str, int] = {"null": null, "shim_log": shim_log}
     try:
-        created = adopt(spec, handed) if spec.get("adopt") else create(spec, handed, pipes)
+        if spec.get("adopt"):
+            created = adopt(spec, handed)
+        else:
+            created = create(spec, handed, pipes)
+            if "tty" in handed:
+                keep_tty_with_keeper(keeper_pid, handed["tty"])
     except Exception as exc:
         for path in (spec["control_socket"], spec["attach_socket"]):
             remove(path)
@@ -116,6 +125,41 @@ def set_up(spec_bytes: bytes, notify_fd: int, result_sock: _socket.socket, shim_
     return 0
 
 
+def keep_tty_with_keeper(keeper_pid: int, master: int) -> None:
+    """Queue a copy of the pty master in the keeper's socketpair: the copy a
+    new shim takes (adopt) when this shim dies."""
+    keeper = os.pidfd_open(keeper_pid)
+    try:
+        sender = _socket.socket(fileno=pidfd_getfd(keeper, KEEPER_TTY_SEND_FD))
+    finally:
+        os.close(keeper)
+    try:
+        send_fds(sender, b"tty", [master])
+    finally:
+        sender.close()
+
+
+def _take_kept_tty(keeper: int) -> int:
+    """The pty master the first shim queued with the keeper, queued again
+    for the next shim that may need it."""
+    queue = _socket.socket(fileno=pidfd_getfd(keeper, KEEPER_TTY_QUEUE_FD))
+    try:
+        queue.setblocking(False)
+        _, fds = receive_fds(queue, 16, 1)
+    except BlockingIOError:
+        fds = []
+    finally:
+        queue.close()
+    if len(fds) != 1:
+        raise RuntimeError("the container's keeper holds no terminal: its tty cannot be taken over")
+    sender = _socket.socket(fileno=pidfd_getfd(keeper, KEEPER_TTY_SEND_FD))
+    try:
+        send_fds(sender, b"tty", fds)
+    finally:
+        sender.close()
+    return fds[0]
+
+
 def _keeper_of(shim_pid: int) -> int:
     """The shim's parent: its keeper."""
     with open(f"/proc/{shim_pid}/stat", "rb") as handle:
@@ -124,7 +168,8 @@ def _keeper_of(shim_pid: int) -> int:
 
 def adopt(spec: dict[str, Any], handed: dict[str, int]) -> int:
     """For a new shim of a running container whose shim died: listen on the
-    shim's sockets again and take the container's stdio from its keeper."""
+    shim's sockets again and take the container's stdio (pipes, or the pty
+    master it keeps queued) from its keeper."""
     keeper = os.pidfd_open(int(spec["keeper_pid"]))
     try:
         if not _is_keeper(int(spec["keeper_pid"]), spec["container_id"]):
@@ -133,10 +178,13 @@ def adopt(spec: dict[str, Any], handed: dict[str, int]) -> int:
         handed["attach"] = listen(spec["attach_socket"], _socket.SOCK_SEQPACKET).detach()
         if spec.get("log_path"):
             handed["log"] = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        handed["stdout"] = pidfd_getfd(keeper, KEEPER_STDOUT_FD)
-        handed["stderr"] = pidfd_getfd(keeper, KEEPER_STDERR_FD)
-        if spec.get("stdin"):
-            handed["stdin"] = pidfd_getfd(keeper, KEEPER_STDIN_FD)
+        if spec.get("tty"):
+            handed["tty"] = _take_kept_tty(keeper)
+        else:
+            handed["stdout"] = pidfd_getfd(keeper, KEEPER_STDOUT_FD)
+            handed["stderr"] = pidfd_getfd(keeper, KEEPER_STDERR_FD)
+            if spec.get("stdin"):
+                handed["stdin"] = pidfd_getfd(keeper, KEEPER_STDIN_FD)
         handed["init"] = os.pidfd_open(int(spec["pid"]))
     finally:
         os.close(keeper)
